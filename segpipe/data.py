@@ -1,0 +1,311 @@
+"""The Dataset over ROOT/SPLIT/NAME.jpg + NAME_mask.png: a cached file index, mask decoding, lazy loading."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+MASK_SUFFIX = "_mask.png"
+INDEX_VERSION = 1
+
+
+class DataError(ValueError):
+    """A problem with the user's data, naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class FileIndex:
+    """The pairs of one split, held as two numpy arrays so workers share them without copying.
+
+    A Python list of millions of str is touched by reference counting in every forked worker,
+    which copies its pages (pytorch/pytorch#13246); numpy fixed-width bytes are one buffer.
+    """
+
+    split_dir: str
+    names: np.ndarray  # dtype S: NAME without extension, sorted
+    exts: np.ndarray  # uint8 index into IMAGE_EXTS
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def paths(self, i: int) -> tuple[str, str]:
+        """The image and mask path of pair i."""
+        stem = os.path.join(self.split_dir, self.names[i].decode())
+        return stem + IMAGE_EXTS[self.exts[i]], stem + MASK_SUFFIX
+
+
+def index_path(split_dir: Path, cache_dir: Optional[str]) -> Path:
+    """Where the index of split_dir is cached: next to the data if writable, else in a cache dir."""
+    if cache_dir is None and os.access(split_dir.parent, os.W_OK):
+        return split_dir.parent / f".segpipe-index-{split_dir.name}.npz"
+    base = Path(cache_dir or os.environ.get("SEGPIPE_CACHE", Path.home() / ".cache" / "segpipe"))
+    key = hashlib.sha1(str(split_dir.resolve()).encode()).hexdigest()[:16]
+    return base / f"index-{split_dir.name}-{key}.npz"
+
+
+def load_index(root: str, split: str, cache_dir: Optional[str] = None, skip_unpaired: bool = False) -> FileIndex:
+    """The file index of ROOT/SPLIT, rescanning the folder only when it changed since the cached scan."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise DataError(
+            f"{split_dir} does not exist. Expected ROOT/{split}/NAME.jpg with ROOT/{split}/NAME_mask.png; "
+            f"set data.root to the folder holding train/ and valid/ (or try configs/synthetic.yaml)")
+    cache = index_path(split_dir, cache_dir)
+    mtime = split_dir.stat().st_mtime_ns  # changes whenever a file is added, removed or renamed
+    if cache.is_file():
+        try:
+            with np.load(cache) as f:
+                if int(f["version"]) == INDEX_VERSION and int(f["mtime_ns"]) == mtime:
+                    return FileIndex(str(split_dir), f["names"], f["exts"])
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt below
+    names, exts = _scan(split_dir, skip_unpaired)
+    _save_index(cache, names, exts, mtime)
+    return FileIndex(str(split_dir), names, exts)
+
+
+def _scan(split_dir: Path, skip_unpaired: bool) -> tuple[np.ndarray, np.ndarray]:
+    images: dict[str, int] = {}
+    masks: set[str] = set()
+    with os.scandir(split_dir) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.endswith(MASK_SUFFIX):
+                masks.add(name[: -len(MASK_SUFFIX)])
+                continue
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTS:
+                continue  # notes, thumbnails, .DS_Store: not ours
+            if stem in images:
+                raise DataError(f"{split_dir}: two images named {stem} ({IMAGE_EXTS[images[stem]]} and {ext}); "
+                                f"keep one of them")
+            images[stem] = IMAGE_EXTS.index(ext.lower())
+    unpaired = sorted(set(images) - masks)
+    if unpaired:
+        listing = ", ".join(f"{n}{IMAGE_EXTS[images[n]]}" for n in unpaired[:5])
+        message = (f"{split_dir}: {len(unpaired)} image(s) have no {MASK_SUFFIX} mask, e.g. {listing}. "
+                   f"Add the masks, or set data.skip_unpaired=true to train without these images")
+        if not skip_unpaired:
+            raise DataError(message)
+        warnings.warn(message.split(". Add")[0] + "; skipping them (data.skip_unpaired=true)", stacklevel=3)
+        for n in unpaired:
+            del images[n]
+    if not images:
+        raise DataError(f"{split_dir} holds no image with a mask (NAME.jpg + NAME{MASK_SUFFIX}); "
+                        f"check data.root")
+    stems = sorted(images)
+    names = np.array([s.encode() for s in stems], dtype=np.bytes_)
+    exts = np.array([images[s] for s in stems], dtype=np.uint8)
+    return names, exts
+
+
+def _save_index(cache: Path, names: np.ndarray, exts: np.ndarray, mtime: int) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, names=names, exts=exts, mtime_ns=np.int64(mtime), version=np.int64(INDEX_VERSION))
+        os.replace(tmp, cache)  # atomic: concurrent ranks building the same index never see half a file
+    except OSError as e:
+        warnings.warn(f"could not cache the file index at {cache} ({e}); set data.cache_dir to a writable folder "
+                      f"to avoid rescanning on every start", stacklevel=3)
+
+
+class MaskDecoder:
+    """Turns a mask file into class indices: index PNGs, RGB colour codes, or raw ids through a label map."""
+
+    def __init__(self, num_classes: int, ignore_index: int, mask_format: str = "index",
+                 palette: Optional[list] = None, palette_ignore: Optional[list] = None,
+                 label_map: Optional[dict] = None):
+        if mask_format not in ("index", "rgb"):
+            raise DataError(f"data.mask_format must be 'index' or 'rgb', got {mask_format!r}")
+        self.num_classes, self.ignore_index, self.mask_format = num_classes, ignore_index, mask_format
+        self.dtype = np.uint8 if max(num_classes - 1, ignore_index) <= 255 else np.int32
+        self.lut = None
+        if label_map:
+            unmapped = 2 ** 16 - 1  # marks raw ids the map does not name
+            self.lut = np.full(2 ** 16, unmapped, dtype=np.int64)
+            for raw, target in label_map.items():
+                self.lut[int(raw)] = int(target)
+            self.unmapped = unmapped
+        if mask_format == "rgb":
+            if not palette:
+                raise DataError("data.mask_format=rgb needs data.palette: one [r, g, b] per class "
+                                "(run `python -m segpipe.discover ROOT` to list the colours in your masks)")
+            codes = [_rgb_code(c) for c in palette] + [_rgb_code(c) for c in (palette_ignore or [])]
+            targets = list(range(len(palette))) + [ignore_index] * len(palette_ignore or [])
+            order = np.argsort(codes)
+            self.codes = np.asarray(codes, dtype=np.int64)[order]
+            self.code_targets = np.asarray(targets, dtype=np.int64)[order]
+
+    def decode(self, mask: Image.Image, path: str) -> np.ndarray:
+        """Class indices (H, W) of a mask image; raises DataError naming the file on any bad value."""
+        if self.mask_format == "rgb":
+            labels = self._decode_rgb(np.asarray(mask.convert("RGB")), path)
+        else:
+            if mask.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(f"{path}: mask mode {mask.mode} is not a class-index image (L or P); "
+                                f"for colour-coded masks set data.mask_format=rgb and data.palette")
+            labels = np.asarray(mask)
+            if self.lut is not None:
+                labels = self.lut[labels]
+                if labels.max() == self.unmapped:
+                    raw = np.unique(np.asarray(mask)[labels == self.unmapped])[:10].tolist()
+                    raise DataError(f"{path}: raw mask ids {raw} are not in data.label_map; map them to a class "
+                                    f"or to data.ignore_index ({self.ignore_index})")
+        if labels.max(initial=0) >= self.num_classes:
+            bad = np.unique(labels[(labels >= self.num_classes) & (labels != self.ignore_index)])
+            if bad.size:
+                raise DataError(
+                    f"{path}: mask values {bad[:10].tolist()} are outside the {self.num_classes} classes "
+                    f"(0..{self.num_classes - 1}) and are not data.ignore_index={self.ignore_index}; "
+                    f"fix data.classes, data.ignore_index or data.label_map")
+        return labels.astype(self.dtype, copy=False)
+
+    def _decode_rgb(self, rgb: np.ndarray, path: str) -> np.ndarray:
+        code = _rgb_code_array(rgb)
+        pos = np.searchsorted(self.codes, code).clip(0, len(self.codes) - 1)
+        known = self.codes[pos] == code
+        if not known.all():
+            r, g, b = rgb[~known][0].tolist()
+            raise DataError(f"{path}: colour ({r}, {g}, {b}) is not in data.palette; add it as a class, "
+                            f"or to data.palette_ignore to map it to ignore_index")
+        return self.code_targets[pos]
+
+
+def _rgb_code(c) -> int:
+    r, g, b = (int(v) for v in c)
+    return (r << 16) | (g << 8) | b
+
+
+def _rgb_code_array(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def read_image(path: str, min_size: Optional[tuple[int, int]] = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an RGB image; JPEGs decode at a reduced DCT scale when min_size (h, w) is at most half.
+
+    Returns the image and its stored (width, height).
+    """
+    try:
+        img = Image.open(path)
+        stored = img.size
+        if min_size is not None and img.format == "JPEG":
+            h, w = min_size
+            if 2 * h <= stored[1] and 2 * w <= stored[0]:
+                img.draft("RGB", (w, h))  # picks the largest 1/2, 1/4, 1/8 scale that stays >= (w, h)
+        img = img.convert("RGB")  # forces the full decode, so truncation shows up here
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: {e}. If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
+                        f"or downscale the file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode the image ({e}). Re-export or remove the file "
+                        f"(and its mask); the index notices the change") from None
+    return img, stored
+
+
+def read_mask(path: str, decoder: MaskDecoder) -> np.ndarray:
+    """Decode and validate a mask file into class indices."""
+    try:
+        mask = Image.open(path)
+        mask.load()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; the file index is stale or the mask was removed. "
+                        f"Restore the mask or remove its image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode the mask ({e}); re-export or remove it") from None
+    return decoder.decode(mask, path)
+
+
+class SegmentationDataset(Dataset):
+    """Pairs of one split, decoded lazily in __getitem__ into (tv_tensors.Image uint8, tv_tensors.Mask)."""
+
+    def __init__(self, index: FileIndex, decoder: MaskDecoder, transform=None,
+                 decode_size: Optional[tuple[int, int]] = None):
+        self.index, self.decoder, self.transform, self.decode_size = index, decoder, transform, decode_size
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load(self, i: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """Pair i, decoded and checked, before any transform."""
+        image_path, mask_path = self.index.paths(i)
+        img, stored = read_image(image_path, self.decode_size)
+        labels = read_mask(mask_path, self.decoder)
+        if labels.shape != (stored[1], stored[0]):
+            raise DataError(f"{image_path} is {stored[0]}x{stored[1]} but its mask {mask_path} is "
+                            f"{labels.shape[1]}x{labels.shape[0]}; they must be the same size")
+        if img.size != stored:  # decoded at a reduced DCT scale: bring the mask along
+            labels = np.asarray(Image.fromarray(labels).resize(img.size, Image.NEAREST))
+        image = tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+        return image, tv_tensors.Mask(torch.from_numpy(np.array(labels)))  # a writable copy
+
+    def __getitem__(self, item):
+        # A (index, seed) pair fixes the augmentation of this sample whatever the worker or resume point.
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        image, mask = self.load(i)
+        if self.transform is None:
+            return image, mask
+        if seed is None:
+            return self.transform(image, mask)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image, mask)
+
+
+def discover_labels(index: FileIndex, mask_format: str = "index", ignore_index: int = 255,
+                    max_masks: int = 500) -> list:
+    """Label values (index masks) or [r, g, b] colours (rgb masks) found in up to max_masks masks, spread
+    evenly over the split; cached next to the file index so it runs once per folder state."""
+    cache = Path(str(index_path(Path(index.split_dir), None)) + f".labels-{mask_format}-{max_masks}.json")
+    mtime = Path(index.split_dir).stat().st_mtime_ns
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved["mtime_ns"] == mtime:
+                return saved["labels"]
+        except (OSError, ValueError, KeyError):
+            pass
+    picks = np.unique(np.linspace(0, len(index) - 1, min(max_masks, len(index))).astype(int))
+    found: set = set()
+    for i in picks:
+        mask = Image.open(index.paths(int(i))[1])
+        if mask_format == "rgb":
+            codes = np.unique(_rgb_code_array(np.asarray(mask.convert("RGB"))))
+            found.update(int(c) for c in codes)
+        else:
+            found.update(int(v) for v in np.unique(np.asarray(mask)))
+    if mask_format == "rgb":
+        labels = [[c >> 16, (c >> 8) & 255, c & 255] for c in sorted(found)]
+    else:
+        labels = sorted(v for v in found if v != ignore_index)
+    try:
+        cache.write_text(json.dumps({"mtime_ns": mtime, "labels": labels}))
+    except OSError:
+        pass  # read-only data and no cache: discovery simply runs again next time
+    return labels
+
+
+def class_pixel_stats(index: FileIndex, decoder: MaskDecoder, max_masks: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: pixel count, and pixel count of the masks containing it (for median-frequency weights)."""
+    counts = np.zeros(decoder.num_classes, dtype=np.int64)
+    present = np.zeros(decoder.num_classes, dtype=np.int64)
+    picks = np.unique(np.linspace(0, len(index) - 1, min(max_masks, len(index))).astype(int))
+    for i in picks:
+        path = index.paths(int(i))[1]
+        labels = read_mask(path, decoder).ravel()
+        c = np.bincount(labels[labels != decoder.ignore_index], minlength=decoder.num_classes)[:decoder.num_classes]
+        counts += c
+        present += np.where(c > 0, c.sum(), 0)
+    return counts, present
