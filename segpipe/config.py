@@ -86,6 +86,11 @@ class Config:
     output_dir: str = "runs/default"
 
 
+# Keys whose value must be one of a few words; checked when the config is read, not deep in training.
+CHOICES = {"data.mask_format": ("index", "rgb"), "train.optimizer": ("sgd", "adamw"),
+           "train.loss": ("ce", "dice", "ce+dice"), "train.amp": ("auto", "bf16", "fp16", "none")}
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file, apply `section.key=value` overrides and validate into a Config."""
     raw: dict = {}
@@ -136,6 +141,8 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             kwargs[key] = _build(hint_type, value, prefix=f"{dotted}.")
         else:
             kwargs[key] = _check_type(dotted, value, hint_type)
+            if dotted in CHOICES and value not in CHOICES[dotted]:
+                raise ConfigError(f"{dotted}={value!r}; choose one of {', '.join(CHOICES[dotted])}")
     return cls(**kwargs)
 
 
@@ -147,6 +154,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         base = typing.get_origin(option) or option
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
         if base is int and isinstance(value, bool):
             continue
         if base is not type(None) and isinstance(value, base):

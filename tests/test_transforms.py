@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from conftest import random_mask
+from segpipe.config import DataConfig
+from segpipe.transforms import RandomScaleCrop, gaussian_blur, train_transform
+
+IGNORE = 255
+
+
+def encoded_pair(seed: int, h=64, w=96, classes=4):
+    """A mask and an image whose pixel value is a function of the class, so any misalignment shows."""
+    mask = torch.from_numpy(random_mask(np.random.default_rng(seed), h, w, classes)).to(torch.uint8)
+    image = torch.stack([mask * 60, mask * 30 + 10, 250 - mask * 50]).to(torch.uint8)
+    return tv_tensors.Image(image), tv_tensors.Mask(mask)
+
+
+def interior(mask: torch.Tensor) -> torch.Tensor:
+    """Pixels whose 5x5 neighbourhood has one class: resampling cannot blend colours there."""
+    m = mask.float()[None, None]
+    hi = torch.nn.functional.max_pool2d(m, 5, 1, 2)
+    lo = -torch.nn.functional.max_pool2d(-m, 5, 1, 2)
+    return (hi == lo)[0, 0]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_image_and_mask_stay_aligned_under_train_transform(seed):
+    cfg = DataConfig(crop_size=[48, 56], scale_range=[0.5, 2.0], ignore_index=IGNORE, blur_prob=0.0,
+                     color_jitter=0.0, mean=[0, 0, 0], std=[1, 1, 1])
+    image, mask = encoded_pair(seed)
+    torch.manual_seed(seed)
+    out_image, out_mask = train_transform(cfg)(image, mask)
+    assert out_image.shape == (3, 48, 56) and out_mask.shape == (48, 56)
+    assert out_image.dtype == torch.float32 and out_mask.dtype == torch.uint8
+    expected = torch.stack([out_mask * 60, out_mask * 30 + 10, 250 - out_mask.int() * 50]).float() / 255
+    labelled = out_mask != IGNORE
+    check = interior(out_mask) & labelled
+    assert check.sum() > 50
+    assert torch.allclose(out_image[:, check], expected[:, check], atol=2 / 255)
+    assert torch.all(out_image[:, ~labelled] == 0)  # padding: black image, ignored mask
+
+
+def test_mask_is_never_blurred_jittered_or_normalised():
+    cfg = DataConfig(crop_size=[48, 56], blur_prob=1.0, color_jitter=0.4, ignore_index=IGNORE)
+    image, mask = encoded_pair(3)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        _, out_mask = train_transform(cfg)(image, mask)
+        assert set(out_mask.unique().tolist()) <= set(mask.unique().tolist()) | {IGNORE}
+
+
+def test_scale_crop_pads_mask_with_ignore_when_image_is_small():
+    image, mask = encoded_pair(0, h=20, w=24)
+    out_image, out_mask = RandomScaleCrop([64, 64], [1.0, 1.0], IGNORE)(image, mask)
+    assert out_mask.shape == (64, 64)
+    assert torch.equal(out_mask[:20, :24], mask) and torch.all(out_mask[20:] == IGNORE)
+    assert torch.equal(out_image[:, :20, :24], image)
+
+
+def test_scale_crop_scale_distribution_matches_resize_then_crop():
+    """At scale 2 a crop covers half the source height: the mask content equals resize-then-crop."""
+    image, mask = encoded_pair(1, h=32, w=32)
+    torch.manual_seed(0)
+    t = RandomScaleCrop([64, 64], [2.0, 2.0], IGNORE)
+    _, out_mask = t(image, mask)
+    reference = F.resize(mask, [64, 64])
+    assert (out_mask == reference).float().mean() > 0.97
+
+
+def test_blur_matches_torchvision():
+    x = torch.rand(3, 30, 40)
+    expected = F.gaussian_blur(x, [5, 5], [1.3, 1.3])
+    assert torch.allclose(gaussian_blur(x, 5, 1.3), expected, atol=1e-5)
