@@ -86,7 +86,10 @@ class UNet(nn.Module):
         for block, skip in zip(self.decoder, skips):
             size = skip.shape[-2:] if skip is not None else x.shape[-2:]
             y = block(y, skip, size)
-        return {"out": self.classifier(y)[..., :height, :width]}
+        # narrow_copy, not [..., :height, :width]: a view makes torch.export guard on whether
+        # any padding was added, which breaks export with dynamic height and width.
+        logits = self.classifier(y).narrow_copy(2, 0, height).narrow_copy(3, 0, width)
+        return {"out": logits}
 
 
 def build_unet(num_classes: int, weights: str = "none", encoder: str = "resnet50") -> nn.Module:

@@ -1,0 +1,159 @@
+"""Behaviour of the U-Net and ResNet-50 conv-head models: shapes, training, weights, export."""
+from urllib.error import URLError
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+from segpipe.convhead import build_resnet50_convhead
+from segpipe.unet import build_unet
+
+IGNORE = 255
+BUILDERS = {"unet": build_unet, "resnet50_convhead": build_resnet50_convhead}
+
+
+def build(name: str, num_classes: int, seed: int = 0, **kwargs) -> nn.Module:
+    """Build a model with a fixed random init, so tests are deterministic."""
+    torch.manual_seed(seed)
+    return BUILDERS[name](num_classes, **kwargs)
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode logits without autograd."""
+    model.eval()
+    with torch.no_grad():
+        return model(x)["out"]
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 19])
+@pytest.mark.parametrize("name", BUILDERS)
+def test_logits_have_input_size_and_class_count(name, num_classes):
+    model = build(name, num_classes)
+    for size in [(33, 47), (17, 31), (32, 64)]:  # odd, smaller than one stride-32 cell, exact multiple
+        out = forward(model, torch.randn(1, 3, *size))
+        assert out.shape == (1, num_classes, *size)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_training_step_updates_every_parameter(name):
+    model = build(name, num_classes=3).train()
+    torch.manual_seed(1)
+    image = torch.randn(2, 3, 33, 47)
+    target = torch.randint(0, 3, (2, 33, 47))
+    target[:, :5] = IGNORE
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = nn.CrossEntropyLoss(ignore_index=IGNORE)(model(image)["out"], target)
+    loss.backward()
+    # Every parameter must take part, or DDP would need find_unused_parameters=True.
+    no_grad = [k for k, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    optimizer.step()
+    unchanged = [k for k, p in model.named_parameters() if torch.equal(p, before[k])]
+    assert torch.isfinite(loss) and unchanged == []
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_state_dict_round_trip_gives_identical_output(name):
+    source = build(name, num_classes=3, seed=0)
+    source.train()
+    with torch.no_grad():
+        source(torch.randn(2, 3, 33, 47))  # move BN running stats away from their defaults
+    target = build(name, num_classes=3, seed=1)
+    x = torch.randn(1, 3, 33, 47)
+    assert not torch.equal(forward(source, x), forward(target, x))
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(forward(source, x), forward(target, x))
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_convhead_output_stride_sets_feature_resolution(output_stride):
+    model = build("resnet50_convhead", num_classes=4, output_stride=output_stride).eval()
+    x = torch.randn(1, 3, 33, 47)
+    with torch.no_grad():
+        features = model.backbone(x)["out"]
+    assert features.shape[-2:] == (-(-33 // output_stride), -(-47 // output_stride))
+    assert forward(model, x).shape == (1, 4, 33, 47)
+
+
+def test_convhead_weights_transfer_between_output_strides():
+    # Dilation changes no weight shapes: train at stride 16, evaluate at stride 8.
+    os16 = build("resnet50_convhead", num_classes=4, output_stride=16)
+    os8 = build("resnet50_convhead", num_classes=4, output_stride=8, seed=1)
+    os8.load_state_dict(os16.state_dict())
+    assert torch.equal(os8.backbone.layer4[0].conv2.weight, os16.backbone.layer4[0].conv2.weight)
+
+
+def test_convhead_depth_and_width_shape_the_head():
+    model = build("resnet50_convhead", num_classes=5, depth=2, width=32)
+    assert len(model.head) == 2 and model.classifier.in_channels == 32
+    plain = build("resnet50_convhead", num_classes=5, depth=0)
+    assert len(plain.head) == 0 and plain.classifier.in_channels == 2048
+    assert forward(plain, torch.randn(1, 3, 33, 41)).shape == (1, 5, 33, 41)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"output_stride": 32}, {"depth": -1}, {"width": 0}, {"weights": "coco"}]
+)
+def test_convhead_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        build_resnet50_convhead(3, **kwargs)
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet34"])
+def test_unet_lighter_encoders(encoder):
+    model = build("unet", num_classes=3, encoder=encoder)
+    assert forward(model, torch.randn(1, 3, 33, 47)).shape == (1, 3, 33, 47)
+
+
+def test_unet_rejects_unknown_encoder_and_zero_classes():
+    with pytest.raises(ValueError, match="vgg16"):
+        build_unet(3, encoder="vgg16")
+    with pytest.raises(ValueError, match="num_classes"):
+        build_unet(0)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_offline_imagenet_download_names_the_fixes(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache, so a download is attempted
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError) as error:
+        build(name, num_classes=3, weights="imagenet")
+    assert "model.weights=none" in str(error.value)
+    assert "model.weights=/path/to/resnet50-11ad3fa6.pth" in str(error.value)
+
+
+def test_local_imagenet_file_loads_into_the_encoder(tmp_path):
+    torch.manual_seed(7)
+    reference = resnet18()
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(reference.state_dict(), path)
+    model = build("unet", num_classes=3, encoder="resnet18", weights=str(path))
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_local_file_of_the_wrong_architecture_is_rejected(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18().state_dict(), path)
+    with pytest.raises(ValueError, match="resnet18.pth"):
+        build_resnet50_convhead(3, weights=str(path))
+    with pytest.raises(ValueError, match="missing.pth"):
+        build_resnet50_convhead(3, weights=str(tmp_path / "missing.pth"))
+
+
+def test_unet_exports_with_dynamic_height_and_width():
+    model = build("unet", num_classes=3, encoder="resnet18").eval()
+    height, width = torch.export.Dim("height", min=64, max=1024), torch.export.Dim("width", min=64, max=1024)
+    program = torch.export.export(
+        model, (torch.randn(1, 3, 65, 97),), dynamic_shapes={"x": {2: height, 3: width}}
+    )
+    for size in [(64, 96), (71, 130)]:  # no padding needed, and padding on both axes
+        x = torch.randn(1, 3, *size)
+        torch.testing.assert_close(program.module()(x)["out"], forward(model, x))
