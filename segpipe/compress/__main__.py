@@ -1,0 +1,180 @@
+"""Command line: `python -m segpipe.compress prune ...` and `python -m segpipe.compress quantize ...`.
+
+    prune    --checkpoint P --sparsity 0.5 [--method unstructured|structured] --out P2
+    prune    --checkpoint P --sweep [--method ...] [--images N]      mIoU against sparsity 0.1 ... 0.9
+    quantize --checkpoint P [--dtype int8|bf16] [--calib-images 64] --out P2.pt2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from segpipe.compress.artefact import (artefact_metadata, compressed_checkpoint, model_from_checkpoint, read_checkpoint,
+                                       write_checkpoint)
+from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
+from segpipe.compress.int8 import quantize_int8, save_int8
+from segpipe.compress.quality import (IMAGENET_MEAN, IMAGENET_STD, calibration_images, image_paths, load_image,
+                                      load_mask, mean_iou, pixel_agreement, predict_classes)
+from segpipe.compress.structured import CRITERIA, group_widths, prune_channels, prunable_channel_sparsity
+from segpipe.compress.unstructured import SCOPES, prune_unstructured
+
+DEFAULT_DATA_ROOT = "../shared/data/camvid"
+SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The prune and quantize sub-commands."""
+    parser = argparse.ArgumentParser(prog="python -m segpipe.compress", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prune = sub.add_parser("prune", help="structured or unstructured L1 pruning")
+    prune.add_argument("--checkpoint", required=True)
+    prune.add_argument("--sparsity", type=float, default=0.5, help="share of weights/channels to remove")
+    prune.add_argument("--method", choices=("unstructured", "structured"), default="unstructured")
+    prune.add_argument("--scope", choices=SCOPES, default="layer", help="unstructured: per layer or global")
+    prune.add_argument("--criterion", choices=CRITERIA, default="l1", help="structured: filter L1 or BN |gamma|")
+    prune.add_argument("--round-to", type=int, default=8, help="structured: kept widths are multiples of this")
+    prune.add_argument("--finetune-epochs", type=int, default=0)
+    prune.add_argument("--sweep", action="store_true", help="print mIoU against sparsity 0.1 ... 0.9 instead")
+    prune.add_argument("--out", help="where to write the pruned checkpoint (.pth)")
+    quant = sub.add_parser("quantize", help="int8 static quantization (x86, PT2E) or bf16 autocast")
+    quant.add_argument("--checkpoint", required=True)
+    quant.add_argument("--dtype", choices=("int8", "bf16"), default="int8")
+    quant.add_argument("--calib-images", type=int, default=64, help="int8: training images to calibrate on")
+    quant.add_argument("--out", required=True, help=f"int8: a *{INT8_SUFFIX} file; bf16: a .pth file")
+    for p in (prune, quant):
+        p.add_argument("--data-root", default=None,
+                       help=f"folder with train/ and valid/ (default: the checkpoint's data.root, else "
+                            f"{DEFAULT_DATA_ROOT})")
+        p.add_argument("--images", type=int, default=None, help="sweep: limit the valid images used")
+        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    if args.command == "prune" and not args.sweep and not args.out:
+        parser.error("prune needs --out PATH (or --sweep to only measure)")
+    return args
+
+
+def data_root(args: argparse.Namespace, checkpoint: dict) -> str:
+    """--data-root, else the root the checkpoint was trained on, else the shared CamVid copy."""
+    if args.data_root:
+        return args.data_root
+    trained_on = ((checkpoint.get("config") or {}).get("data") or {}).get("root")
+    return trained_on if trained_on and Path(trained_on).is_dir() else DEFAULT_DATA_ROOT
+
+
+def normalisation(checkpoint: dict) -> tuple[list, list, tuple[int, int] | None]:
+    """The mean, std and evaluation size (h, w) the checkpoint was trained with."""
+    size = checkpoint.get("eval_size")
+    return (checkpoint.get("mean") or list(IMAGENET_MEAN), checkpoint.get("std") or list(IMAGENET_STD),
+            tuple(size) if size else None)
+
+
+def prune_model(model: nn.Module, args: argparse.Namespace, sparsity: float) -> dict:
+    """Prune a float model in place as the arguments say; return its "compression" record."""
+    if args.method == "structured":
+        before = group_widths(model)
+        channels = prune_channels(model, sparsity, args.criterion, args.round_to)
+        return {"method": "structured", "requested_sparsity": sparsity, "criterion": args.criterion,
+                "round_to": args.round_to, "sparsity": prunable_channel_sparsity(channels, before),
+                "channels": channels, "original_channels": before}
+    reached = prune_unstructured(model, sparsity, args.scope)
+    return {"method": "unstructured", "requested_sparsity": sparsity, "scope": args.scope, "sparsity": reached}
+
+
+def sweep(model: nn.Module, checkpoint: dict, args: argparse.Namespace) -> None:
+    """Print mIoU and agreement with the unpruned model for sparsities 0.1 ... 0.9 (the paper's figure)."""
+    mean, std, size = normalisation(checkpoint)
+    paths = image_paths(data_root(args, checkpoint), "valid", args.images)
+    images = [load_image(p, mean, std, size) for p in paths]
+    masks = [load_mask(p) for p in paths]
+    if any(m is None for m in masks):
+        raise SystemExit(f"--sweep needs masks next to every image in {paths[0].parent}")
+    if size is not None:
+        masks = [nn.functional.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long()
+                 for m in masks]
+    num_classes, ignore = checkpoint["num_classes"], checkpoint.get("ignore_index", 255)
+    dense = predict_classes(model, images)
+    print(f"{args.method} pruning sweep on {len(images)} images of {paths[0].parent}")
+    print(f"{'sparsity':>8}  {'reached':>7}  {'mIoU':>6}  {'agreement':>9}")
+    print(f"{0.0:>8.1f}  {0.0:>7.3f}  {mean_iou(dense, masks, num_classes, ignore):>6.4f}  {1.0:>9.4f}")
+    for s in SWEEP:
+        pruned = copy.deepcopy(model)
+        record = prune_model(pruned, args, s)
+        preds = predict_classes(pruned.eval(), images)
+        print(f"{s:>8.1f}  {record['sparsity']:>7.3f}  {mean_iou(preds, masks, num_classes, ignore):>6.4f}  "
+              f"{pixel_agreement(preds, dense):>9.4f}", flush=True)
+
+
+def run_prune(args: argparse.Namespace) -> None:
+    """prune: load, prune (or sweep), save a checkpoint that load_artefact and train.init_from can read."""
+    if args.finetune_epochs and not _has_train_one_epoch():
+        raise SystemExit("--finetune-epochs is not implemented yet: it needs segpipe.engine.train_one_epoch, which "
+                         "this checkout does not have. Prune without it, then fine-tune through the normal loop: "
+                         f"`python train.py --config CONFIG train.init_from={args.out or 'PRUNED.pth'}`")
+    if args.finetune_epochs:
+        raise SystemExit("--finetune-epochs: segpipe.engine exists now but compress does not call it yet; "
+                         f"fine-tune with `python train.py --config CONFIG train.init_from={args.out}`")
+    checkpoint = read_checkpoint(args.checkpoint)
+    if args.sweep:
+        return sweep(model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint, args)
+    # The auxiliary head stays (pruned too) so fine-tuning can still use its loss.
+    model = model_from_checkpoint(checkpoint, keep_aux=True).eval()
+    params_before = sum(p.numel() for p in model.parameters())
+    record = prune_model(model, args, args.sparsity)
+    record.update(source=str(args.checkpoint), params_before=params_before,
+                  params_after=sum(p.numel() for p in model.parameters()))
+    write_checkpoint(compressed_checkpoint(checkpoint, model, record), args.out)
+    print(f"{args.method} pruning: sparsity {record['sparsity']:.3f} (asked {args.sparsity}), parameters "
+          f"{params_before:,} -> {record['params_after']:,}; wrote {args.out}")
+
+
+def _has_train_one_epoch() -> bool:
+    """Whether the training loop to fine-tune with exists in this checkout."""
+    return importlib.util.find_spec("segpipe.engine") is not None and hasattr(
+        importlib.import_module("segpipe.engine"), "train_one_epoch")
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    """quantize: bf16 (a checkpoint flagged for autocast) or int8 (calibrate, convert, save a .pt2)."""
+    checkpoint = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(checkpoint, keep_aux=False).eval()
+    previous = checkpoint.get("compression")
+    if args.dtype == "bf16":
+        record = {"method": "bf16", "source": str(args.checkpoint), "previous": previous}
+        write_checkpoint(compressed_checkpoint(checkpoint, model, record), args.out)
+        print(f"bf16: wrote {args.out} (fp32 weights, run under bf16 autocast by load_artefact)")
+        return
+    mean, std, size = normalisation(checkpoint)
+    root = data_root(args, checkpoint)
+    calibration = list(calibration_images(root, args.calib_images, mean, std, size))
+    print(f"int8: calibrating on {len(calibration)} training images of {root} ...", flush=True)
+    program = quantize_int8(model, calibration)
+    record = {"method": "int8", "source": str(args.checkpoint), "calib_images": len(calibration),
+              "quantizer": "torchao X86InductorQuantizer, default static config", "previous": previous,
+              "torch": torch.__version__, "torchao": _torchao_version()}
+    save_int8(program, args.out, {**artefact_metadata(checkpoint), "compression": record})
+    print(f"int8: wrote {args.out}")
+
+
+def _torchao_version() -> str:
+    import torchao
+    return torchao.__version__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"prune": run_prune, "quantize": run_quantize}[args.command](args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
