@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from segpipe import distributed as dist_utils
@@ -78,11 +78,9 @@ except DataError as e:
 decode_size = tuple(cfg.data.train_size) if cfg.data.train_size else None
 train_set = SegmentationDataset(train_index, decoder, train_transform(cfg.data), decode_size)
 valid_set = SegmentationDataset(valid_index, decoder, eval_transform(cfg.data))
-if rt.world_size > 1:
-    base_sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.train.seed,
-                                      drop_last=True)
-else:
-    base_sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.train.seed))
+# DistributedSampler in a world of one too: its shuffle depends only on (seed, epoch), which resume needs.
+base_sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.train.seed,
+                                  drop_last=True)
 train_sampler = dist_utils.SeededSampler(base_sampler, cfg.train.seed)
 loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=rt.pin_memory,
                    persistent_workers=cfg.data.num_workers > 0)
@@ -134,7 +132,8 @@ elif cfg.train.optimizer == "adamw":
 else:
     sys.exit(f"config error: train.optimizer={cfg.train.optimizer!r}; choose sgd or adamw")
 steps_per_epoch = len(train_loader) // cfg.train.accum_steps
-total_steps = max(1, min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or 1 << 62))
+total_steps = max(1, cfg.train.epochs * steps_per_epoch)  # the schedule's length; max_steps only stops early
+max_steps = min(total_steps, cfg.train.max_steps or total_steps)
 warmup = min(cfg.train.warmup_steps, total_steps // 4)
 
 
@@ -183,7 +182,8 @@ if rt.is_main:
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log(f"{rt.world_size} process(es) on {rt.device}, amp={rt.amp_dtype}, channels_last={rt.channels_last}, "
-        f"global batch {global_batch}, lr {lr:.4g}, {steps_per_epoch} steps/epoch, {total_steps} steps")
+        f"global batch {global_batch}, lr {lr:.4g}, {steps_per_epoch} steps/epoch, {total_steps} steps"
+        + (f" (stopping after {max_steps})" if max_steps < total_steps else ""))
     writer = SummaryWriter(str(out_dir / "tb"))
 
 
@@ -210,20 +210,22 @@ signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
 # -- the loop ----------------------------------------------------------------------------------------------
 exit_code = 0
 try:
-    while state.epoch < cfg.train.epochs and state.step < total_steps:
+    while state.epoch < cfg.train.epochs and state.step < max_steps:
         epoch_start = time.time()
+        torch.manual_seed(cfg.train.seed + state.epoch)  # dropout draws depend on the epoch, not on history
         train_sampler.set_epoch(state.epoch, skip=state.batches_done * cfg.train.batch_size)
-        finished = train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, train_loader, rt, state,
-                                   cfg.train.accum_steps, cfg.train.grad_clip, total_steps,
-                                   lambda: bool(stop_signal), log_scalars, cfg.train.log_every)
-        if stop_signal:  # interrupted mid-epoch: resume continues from the next batch
+        train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, train_loader, rt, state,
+                        cfg.train.accum_steps, cfg.train.grad_clip, max_steps, lambda: bool(stop_signal),
+                        log_scalars, cfg.train.log_every)
+        if state.batches_done >= len(base_sampler) // cfg.train.batch_size:  # the epoch is complete
+            state.epoch, state.batches_done = state.epoch + 1, 0
+        if stop_signal:  # preempted: save quickly and go; resume continues from the next batch
             if rt.is_main:
                 save_checkpoint(checkpoint(-1.0), out_dir / "last.pt")
             log(f"stopped by signal at step {state.step}; saved {out_dir / 'last.pt'}, resume with train.resume=auto")
             break
-        state.epoch, state.batches_done = state.epoch + 1, 0
         miou = -1.0
-        if state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs or not finished:
+        if state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs or state.step >= max_steps:
             cm, kept = evaluate(model, valid_loader, num_classes, cfg.data.ignore_index, rt,
                                 keep=cfg.train.num_vis if rt.is_main else 0)
             metrics = cm.compute()
@@ -237,8 +239,6 @@ try:
                 save_checkpoint(checkpoint(miou), out_dir / "best.pt")
             log(f"epoch {state.epoch}: step {state.step}, val mIoU {miou:.4f} (best {best_miou:.4f}), "
                 f"{time.time() - epoch_start:.1f} s")
-        if not finished:
-            break
 except NonFiniteLossError as e:
     log(f"error: {e}")
     exit_code = 1

@@ -20,7 +20,7 @@ class CheckpointError(ValueError):
 def versions() -> dict:
     """Library versions recorded in every checkpoint."""
     from segpipe import __version__
-    return {"segpipe": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"segpipe": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "numpy": numpy.__version__, "pillow": PIL.__version__}
 
 
@@ -49,7 +49,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} cannot be loaded safely ({str(e).splitlines()[0]}). It is not a segpipe "
+        lines = str(e).splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise CheckpointError(f"{path} cannot be loaded safely ({reason[:300]}). It is not a segpipe "
                               f"checkpoint, is damaged, or holds pickled objects that could run code") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a segpipe checkpoint (no format={FORMAT!r} entry); "

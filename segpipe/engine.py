@@ -59,8 +59,8 @@ def progress(iterable, total: int, desc: str, enabled: bool, log_every: int):
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, scaler, loader, rt: Runtime,
                     state: TrainState, accum_steps: int = 1, grad_clip: Optional[float] = None,
                     max_steps: Optional[int] = None, stop_requested: Callable[[], bool] = lambda: False,
-                    log: Callable[[dict], None] = lambda scalars: None, log_every: int = 20) -> bool:
-    """One pass over loader (the rest of it, after a resume). Returns False if training must stop early."""
+                    log: Callable[[dict], None] = lambda scalars: None, log_every: int = 20) -> None:
+    """One pass over loader (the rest of it, after a resume), or until max_steps or a stop request."""
     model.train()
     bar = progress(loader, len(loader), f"epoch {state.epoch}", rt.is_main, log_every)
     tic = time.perf_counter()
@@ -98,9 +98,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
         stop, = all_reduce_max([float(stop_requested())], rt.device)
         if stop or (max_steps is not None and state.step >= max_steps):
-            return False
+            return
         tic = time.perf_counter()
-    return True
 
 
 @torch.inference_mode()

@@ -1,0 +1,221 @@
+"""train.py and the training loop, with real processes (subprocess, torchrun, torch.multiprocessing + gloo)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import REPO, run_env
+from segpipe.checkpoint import load_checkpoint, save_checkpoint
+from segpipe.distributed import Runtime, ShardSampler, resolve_amp
+from segpipe.engine import TrainState, evaluate, train_one_epoch
+
+TINY = ["model.name=lraspp_mobilenet_v3_large", "data.crop_size=[32,32]", "train.batch_size=2",
+        "data.num_workers=0", "train.amp=none", "train.warmup_steps=1", "train.log_every=1", "train.num_vis=0"]
+
+
+def data_args(root, out):
+    return [f"data.root={root}", "data.classes=[a,b,c]", f"output_dir={out}"]
+
+
+def train(root, out, *extra, timeout=240, torchrun=0, port=None):
+    launcher = [sys.executable, str(REPO / "train.py")]
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+                    "--master_addr=127.0.0.1", f"--master_port={port}", str(REPO / "train.py")]
+    cmd = launcher + ["--config", str(REPO / "configs/default.yaml")] + TINY + data_args(root, out) + list(extra)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env(), cwd=REPO)
+
+
+def test_single_process_run_writes_checkpoints_and_logs(make_dataset, tmp_path):
+    root, out = make_dataset(n_train=4, n_valid=3), tmp_path / "run"
+    result = train(root, out, "train.epochs=2")
+    assert result.returncode == 0, result.stderr
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 4 and ckpt["classes"] == ["a", "b", "c"]
+    assert ckpt["config"]["train"]["epochs"] == 2 and "torch" in ckpt["versions"]
+    assert (out / "best.pt").is_file() and (out / "config.yaml").is_file()
+    assert any((out / "tb").iterdir())
+    assert "epoch 2: step 4, val mIoU" in result.stdout
+
+
+def test_resume_gives_bitwise_identical_weights(make_dataset, tmp_path):
+    root = make_dataset(n_train=4, n_valid=2)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(root, straight, "train.epochs=2").returncode == 0
+    assert train(root, resumed, "train.epochs=2", "train.max_steps=2").returncode == 0  # stops after epoch 1
+    result = train(root, resumed, "train.epochs=2", "train.resume=auto")
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout
+    a, b = load_checkpoint(straight / "last.pt")["model"], load_checkpoint(resumed / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes(make_dataset, tmp_path, free_port):
+    root, out = make_dataset(n_train=5, n_valid=3), tmp_path / "ddp"
+    result = train(root, out, "train.epochs=1", torchrun=2, port=free_port)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(out / "last.pt")["step"] == 1  # 5 images, 2 ranks x batch 2, last partial dropped
+    assert (out / "best.pt").is_file()
+
+
+def test_failing_rank_ends_the_job(make_dataset, tmp_path, free_port):
+    root = make_dataset(n_train=2, n_valid=2)
+    (root / "train" / "img001.jpg").write_bytes(b"broken")  # read by exactly one of the two ranks
+    start = time.monotonic()
+    result = train(root, tmp_path / "fail", "train.epochs=1", "train.batch_size=1", torchrun=2, port=free_port,
+                   timeout=180)
+    assert result.returncode != 0
+    assert "img001.jpg: cannot decode the image" in result.stdout + result.stderr
+    assert time.monotonic() - start < 170
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_dataset, tmp_path):
+    root, out = make_dataset(n_train=4, n_valid=2), tmp_path / "nan"
+    assert train(root, out, "train.epochs=1").returncode == 0
+    good = (out / "last.pt").read_bytes()
+    result = train(root, out, "train.epochs=3", "train.lr=1e30", "train.lr_reference_batch=null",
+                   "train.warmup_steps=0")
+    assert result.returncode == 1
+    assert "loss is nan" in result.stdout and "at step" in result.stdout and "train.lr" in result.stdout
+    assert (out / "last.pt").read_bytes() == good
+
+
+def test_sigterm_saves_last_checkpoint_and_exits_cleanly(make_dataset, tmp_path):
+    root, out = make_dataset(n_train=4, n_valid=2), tmp_path / "term"
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/default.yaml")] + TINY + \
+        data_args(root, out) + ["train.epochs=1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env(),
+                            cwd=REPO)
+    for line in proc.stdout:
+        if line.startswith("epoch 1 1/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, output
+    ckpt = load_checkpoint(out / "last.pt")
+    assert "stopped by signal" in output and ckpt["epoch"] >= 1
+
+
+def test_deeplab_with_batch_of_one_is_refused(make_dataset, tmp_path):
+    root = make_dataset(n_train=2, n_valid=1)
+    result = train(root, tmp_path / "b1", "model.name=deeplabv3_resnet50", "train.batch_size=1")
+    assert result.returncode != 0 and "train.batch_size=2 or more" in result.stderr
+
+
+def test_missing_data_root_says_what_to_do(tmp_path):
+    result = train(tmp_path / "nowhere", tmp_path / "x")
+    assert result.returncode != 0 and "configs/synthetic.yaml" in result.stderr
+
+
+def test_fp16_on_cpu_is_refused_and_auto_picks_a_supported_dtype():
+    with pytest.raises(ValueError, match="train.amp=fp16 on CPU"):
+        resolve_amp("fp16", torch.device("cpu"))
+    dtype, scaler = resolve_amp("auto", torch.device("cpu"))
+    assert dtype in (None, torch.bfloat16) and not scaler
+
+
+def test_atomic_save_never_leaves_a_broken_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format": "segpipe-checkpoint", "v": torch.ones(3)}, path)
+
+    def dies_halfway(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"format": "segpipe-checkpoint", "v": torch.zeros(3)}, path)
+    assert torch.equal(load_checkpoint(path)["v"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_shard_sampler_covers_every_index_once():
+    for n in (0, 1, 7, 10):
+        for world in (1, 2, 3):
+            shards = [list(ShardSampler(n, r, world)) for r in range(world)]
+            assert sorted(sum(shards, [])) == list(range(n))
+
+
+# -- DDP equivalence with real processes --------------------------------------------------------------------
+
+class NoBatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+
+    def forward(self, x):
+        return {"out": self.body(x)}
+
+
+def batches(per_rank: int, rank: int, world: int):
+    g = torch.Generator().manual_seed(0)
+    images, masks = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4, 8, 8), generator=g)
+    rows = list(range(rank * per_rank, (rank + 1) * per_rank)) if world > 1 else list(range(per_rank))
+    return [(images[rows], masks[rows])]
+
+
+def one_step(rank: int, world: int, port: int, results):
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = NoBatchNormNet()
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    rt = Runtime(rank, rank, world, torch.device("cpu"), None, False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    criterion = lambda out, target: nn.functional.cross_entropy(out["out"], target)
+    train_one_epoch(ddp, criterion, opt, sched, scaler, batches(4 // world, rank, world), rt, TrainState())
+    if rank == 0:
+        results.put({k: v.numpy().copy() for k, v in model.state_dict().items()})  # tensors would need the sender alive
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_ddp_step_on_two_ranks_matches_one_process_with_double_batch(free_port):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    one_step(0, 1, free_port, results)
+    single = results.get()
+    mp.start_processes(one_step, args=(2, free_port, results), nprocs=2, start_method="spawn")
+    double = results.get()
+    for k in single:
+        assert np.allclose(single[k], double[k], atol=1e-5), k
+
+
+def exact_once_eval(rank: int, world: int, port: int, n_images: int, results):
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = NoBatchNormNet().eval()
+    g = torch.Generator().manual_seed(1)
+    images, masks = torch.randn(n_images, 3, 8, 8, generator=g), torch.randint(0, 4, (n_images, 8, 8), generator=g)
+    masks[:, 0] = 3  # ignored
+    loader = [(images[i:i + 1], [masks[i]]) for i in ShardSampler(n_images, rank, world)]
+    cm, _ = evaluate(model, loader, 3, 3, Runtime(rank, rank, world, torch.device("cpu"), None, False))
+    if rank == 0:
+        results.put(cm.matrix.numpy().copy())
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_exact_once_validation_on_odd_image_count(free_port):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    exact_once_eval(0, 1, free_port, 7, results)
+    single = results.get()
+    mp.start_processes(exact_once_eval, args=(2, free_port, 7, results), nprocs=2, start_method="spawn")
+    assert np.array_equal(single, results.get())
+    g = torch.Generator().manual_seed(1)
+    torch.randn(7, 3, 8, 8, generator=g)
+    masks = torch.randint(0, 4, (7, 8, 8), generator=g)
+    masks[:, 0] = 3
+    assert int(single.sum()) == int((masks != 3).sum())  # every image counted once, ignored pixels not at all
