@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -59,31 +60,40 @@ def count_gflops(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def median_latency_ms(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
-    """Median wall time of `repeats` forwards after `warmup` untimed ones (oneDNN picks kernels on first use)."""
-    times = []
+def interleaved_latency_ms(
+    variants: dict[tuple[str, str], tuple[nn.Module, torch.Tensor]], warmup: int, repeats: int
+) -> dict:
+    """Median forward time per variant, timed round-robin so that load from other users of a shared machine
+    spreads over all variants instead of skewing whichever ran at the busy moment."""
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
     with torch.no_grad():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for round_index in range(warmup + repeats):  # warm-up rounds let oneDNN pick kernels first
+            for key, (model, x) in variants.items():
+                start = time.perf_counter()
+                model(x)
+                if round_index >= warmup:
+                    times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(t) for key, t in times.items()}
 
 
-def measure(name: str, x: torch.Tensor, warmup: int, repeats: int) -> dict:
-    """One table row: parameters, GFLOPs, fp32 latency in NCHW and in channels_last."""
-    torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    row = {
-        "model": name,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "gflops": count_gflops(model, x),
-        "nchw_ms": median_latency_ms(model, x, warmup, repeats),
-    }
-    model = model.to(memory_format=torch.channels_last)
-    row["cl_ms"] = median_latency_ms(model, x.contiguous(memory_format=torch.channels_last), warmup, repeats)
-    return row
+def measure(names: list[str], x: torch.Tensor, warmup: int, repeats: int) -> list[dict]:
+    """One row per model: parameters, GFLOPs, fp32 latency in NCHW and in channels_last."""
+    rows, variants = [], {}
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for name in names:
+        torch.manual_seed(0)
+        model = MODELS[name]().eval()
+        rows.append({
+            "model": name,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "gflops": count_gflops(model, x),
+        })
+        variants[(name, "nchw")] = (model, x)
+        variants[(name, "cl")] = (copy.deepcopy(model).to(memory_format=torch.channels_last), x_cl)
+    latency = interleaved_latency_ms(variants, warmup, repeats)
+    for row in rows:
+        row["nchw_ms"], row["cl_ms"] = latency[(row["model"], "nchw")], latency[(row["model"], "cl")]
+    return rows
 
 
 def parse_args() -> argparse.Namespace:
@@ -91,8 +101,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME",
                         help=f"models to measure (default: all of {', '.join(MODELS)})")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per model and layout")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards before timing")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one forward per model and layout each)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--size", type=int, nargs=2, default=[360, 480], metavar=("H", "W"))
     return parser.parse_args()
@@ -106,14 +116,14 @@ def main() -> None:
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible; load average {os.getloadavg()[0]:.1f})")
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}")
     print(f"input 1x3x{args.size[0]}x{args.size[1]}, eval, no_grad, fp32, {NUM_CLASSES} classes, random init; "
-          f"latency = median of {args.repeats} after {args.warmup} warm-up")
+          f"latency = median of {args.repeats} rounds "
+          f"after {args.warmup} warm-up, all models timed round-robin")
     print("GFLOPs from torch.utils.flop_counter.FlopCounterMode: FLOPs = 2 x multiply-accumulates (convs and matmuls)")
     header = f"{'model':<30} {'params (M)':>10} {'GFLOPs':>8} {'fp32 ms':>9} {'ch_last ms':>10}"
     print(header + "\n" + "-" * len(header))
-    for name in args.models:
-        r = measure(name, x, args.warmup, args.repeats)
-        print(f"{r['model']:<30} {r['params_m']:>10.2f} {r['gflops']:>8.1f} {r['nchw_ms']:>9.0f} {r['cl_ms']:>10.0f}",
-              flush=True)
+    for r in measure(args.models, x, args.warmup, args.repeats):
+        print(f"{r['model']:<30} {r['params_m']:>10.2f} {r['gflops']:>8.1f} {r['nchw_ms']:>9.0f} {r['cl_ms']:>10.0f}")
+    print(f"load average after the run: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs; above that, timings are contended)")
 
 
 if __name__ == "__main__":
