@@ -1,0 +1,245 @@
+"""Image in, class map out: a Predictor built from a checkpoint alone (preprocess, forward, resize back, TTA)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from PIL import Image
+from torch import nn
+from torchvision import tv_tensors
+
+from segpipe.checkpoint import CheckpointError, load_checkpoint
+from segpipe.models import ModelError, build_model, resize_logits
+from segpipe.transforms import EvalTransform
+
+# What a Predictor needs besides the weights; train.py's checkpoint() and compress artefacts both carry it.
+META_KEYS = ("model_name", "num_classes", "classes", "palette", "ignore_index", "mean", "std", "eval_size")
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]  # PIL image, uint8 (H, W, 3) array or (3, H, W) tensor
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The device to predict on: name (cpu, cuda, cuda:N), or CUDA if present when name is None."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def latest_checkpoint(runs_dir: str | Path = "runs") -> Optional[Path]:
+    """The best.pt of the most recent training run (newest runs/*/best.pt by mtime), or None."""
+    found = [p for p in Path(runs_dir).glob("*/best.pt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The model (in eval mode, on device) and metadata of a segpipe checkpoint or a compressed artefact.
+
+    Checkpoints are read with weights_only=True (segpipe.checkpoint.load_checkpoint): a file from elsewhere
+    cannot run code. The architecture is rebuilt from the checkpoint's model_name and num_classes.
+    """
+    if _is_artefact(path):
+        from segpipe.compress import load_artefact
+        try:
+            model, meta = load_artefact(str(path), device=str(device))
+        except CheckpointError:
+            raise
+        except ValueError as e:  # e.g. an int8 artefact asked to run on CUDA
+            raise CheckpointError(f"{path}: {e}") from None
+        return model, _check_meta(dict(meta), path)  # compress has put it on device in eval mode
+    ckpt = load_checkpoint(path, map_location="cpu")
+    meta = _check_meta(ckpt, path)
+    if not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path} holds no model weights (no 'model' state dict); re-train or re-save it")
+    try:
+        model = build_model(meta["model_name"], meta["num_classes"])
+    except ModelError as e:
+        raise CheckpointError(f"{path}: {e}. The checkpoint comes from another segpipe version or was edited") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(
+            f"{path}: its weights do not fit {meta['model_name']} with {meta['num_classes']} classes "
+            f"({detail[1] if len(detail) > 1 else detail[0]}); the file is damaged or was edited. "
+            f"Re-train it or pass another --checkpoint") from None
+    if getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier = None  # a training-only head: prediction reads "out" alone
+    return model.to(device).eval(), meta
+
+
+def _is_artefact(path: str | Path) -> bool:
+    from segpipe.compress import is_artefact  # lazily: plain checkpoints need none of compress's imports
+    return is_artefact(path)
+
+
+def _check_meta(meta: dict, path: str | Path) -> dict:
+    missing = [k for k in META_KEYS if k not in meta and k != "palette"]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was not written by segpipe's train.py "
+                              f"(raw weights go to training as model.weights={path})")
+    if len(meta["classes"]) != meta["num_classes"]:
+        raise CheckpointError(f"{path}: num_classes={meta['num_classes']} but {len(meta['classes'])} class "
+                              f"names; the file was edited or is damaged")
+    return {k: meta.get(k) for k in META_KEYS} | {"config": meta.get("config") or {}}
+
+
+def parse_window(value: Optional[str], meta: dict) -> Optional[tuple[int, int]]:
+    """--window: None/"off" -> None, "auto" -> the training crop size stored in the checkpoint, "HxW" -> (H, W)."""
+    if value is None or value == "off":
+        return None
+    if value == "auto":
+        crop = (meta.get("config") or {}).get("data", {}).get("crop_size")
+        if not crop:
+            raise ValueError("--window auto: the checkpoint stores no training crop size; pass --window HxW")
+        return int(crop[0]), int(crop[1])
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--window {value!r}: expected auto, off or HxW such as 512x512") from None
+    if h < 8 or w < 8:
+        raise ValueError(f"--window {value}: tiles must be at least 8x8 pixels")
+    return h, w
+
+
+class Predictor:
+    """A model plus everything needed to turn an RGB image into a class map at the image's own size.
+
+    Per image: resize to the checkpoint's eval size (if any) and normalise (segpipe.transforms.EvalTransform),
+    forward, upsample the logits bilinearly to the original size, argmax. Options:
+    flip: also predict the mirrored image; scales: input scales relative to the eval size (multi-scale TTA);
+    with more than one view, softmax probabilities at the original size are averaged.
+    window (h, w): inputs larger than this are predicted in overlapping tiles whose logits are averaged.
+    batch_size: images of equal input size share a forward pass.
+    """
+
+    def __init__(self, model: nn.Module, meta: dict, device: torch.device | str | None = None, *,
+                 flip: bool = False, scales: Sequence[float] = (1.0,), window: Optional[Sequence[int]] = None,
+                 overlap: float = 1 / 3, batch_size: int = 4):
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+        if not 0 <= overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        self.device = resolve_device(device)
+        if isinstance(model, nn.Module):  # compiled int8 artefacts are plain callables, already placed
+            model = model.to(self.device).eval()
+        self.model = model
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.num_classes: int = int(meta["num_classes"])
+        self.ignore_index: int = int(meta["ignore_index"])
+        self.eval_size = meta.get("eval_size")
+        self.transform = EvalTransform(self.eval_size, meta["mean"], meta["std"])
+        self.flip, self.scales, self.overlap = flip, tuple(float(s) for s in scales), overlap
+        self.window = tuple(window) if window else None
+        self.batch_size = max(1, batch_size)
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: torch.device | str | None = None, **options) -> "Predictor":
+        """A Predictor from a checkpoint or compressed artefact; options as for __init__."""
+        dev = resolve_device(device)
+        model, meta = load_model(path, dev)
+        if isinstance(options.get("window"), str):
+            options["window"] = parse_window(options["window"], meta)
+        return cls(model, meta, dev, **options)
+
+    @property
+    def palette(self) -> list:
+        """One [r, g, b] per class: the checkpoint's, or visualize.default_palette when it stores none."""
+        if self.meta.get("palette"):
+            return [list(c) for c in self.meta["palette"]]
+        from segpipe.visualize import default_palette
+        return default_palette(self.num_classes)
+
+    def predict(self, image: ImageLike) -> torch.Tensor:
+        """Class indices (H, W), int64 on CPU, at the image's original size."""
+        return self.predict_batch([image])[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
+        """predict() for several images; those with the same input size go through the model together."""
+        inputs = [self._prepare(image) for image in images]
+        groups: dict[tuple, list[int]] = {}
+        for i, (x, _) in enumerate(inputs):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        preds: list = [None] * len(inputs)
+        for members in groups.values():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                batch = torch.stack([inputs[i][0] for i in chunk])
+                for i, pred in zip(chunk, self._predict_stacked(batch, [inputs[i][1] for i in chunk])):
+                    preds[i] = pred.cpu()
+        return preds
+
+    def _prepare(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The normalised model input on the device, and the original (h, w)."""
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"))
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
+            image = torch.from_numpy(image.copy()).permute(2, 0, 1)
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a uint8 (3, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
+        size = (int(image.shape[1]), int(image.shape[2]))
+        # uint8 travels to the device (4x less than float), resizing and normalising happen there.
+        x = self.transform.image_transform(tv_tensors.Image(image.to(self.device)))
+        return x.as_subclass(torch.Tensor), size
+
+    def _predict_stacked(self, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        views = [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
+        total: list = [None] * len(sizes)
+        for scale, flip in views:
+            x = batch
+            if scale != 1.0:
+                h, w = batch.shape[-2:]
+                x = nnf.interpolate(batch, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                    mode="bilinear", align_corners=False, antialias=scale < 1)
+            logits = self._forward(x.flip(-1) if flip else x)
+            if flip:
+                logits = logits.flip(-1)
+            for i, size in enumerate(sizes):
+                scores = resize_logits(logits[i:i + 1], size)[0]
+                if len(views) > 1:  # average probabilities, not logits: views disagree in scale
+                    scores = scores.softmax(0)
+                total[i] = scores if total[i] is None else total[i] + scores
+        return [t.argmax(0) for t in total]
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the size of x; in overlapping tiles when x is larger than the window."""
+        h, w = x.shape[-2:]
+        if self.window is None or (h <= self.window[0] and w <= self.window[1]):
+            return self.model(x)["out"].float()
+        th, tw = min(h, self.window[0]), min(w, self.window[1])
+        total = torch.zeros(x.shape[0], self.num_classes, h, w, device=x.device)
+        count = torch.zeros(1, 1, h, w, device=x.device)
+        for top in _tile_starts(h, th, self.overlap):
+            for left in _tile_starts(w, tw, self.overlap):
+                tile = x[:, :, top:top + th, left:left + tw]
+                total[:, :, top:top + th, left:left + tw] += resize_logits(self.model(tile)["out"], (th, tw))
+                count[:, :, top:top + th, left:left + tw] += 1
+        return total / count
+
+
+def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Tile offsets covering [0, length): stride tile*(1-overlap), the last tile flush with the end."""
+    stride = max(1, int(tile * (1 - overlap)))
+    starts = list(range(0, max(length - tile, 0) + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
+
+
+def class_shares(pred: torch.Tensor, num_classes: int) -> list[float]:
+    """Fraction of the pixels of a class map that each class covers."""
+    counts = torch.bincount(pred.flatten().long(), minlength=num_classes)[:num_classes].double()
+    return (counts / max(1, pred.numel())).tolist()
