@@ -230,3 +230,16 @@ def test_int8_agrees_with_fp32_uncompiled_and_compiled(workspace, int8_artefact)
         assert pixel_agreement(list(got.argmax(1)), list(expected.argmax(1))) > 0.97
         # int8 error is a small fraction of the logit range, not a different function.
         assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_sweep_prints_miou_for_each_sparsity(workspace, capsys):
+    root, _ = workspace
+    # Structured, because torch.nn.utils.prune's topk makes nine unstructured passes slow on 2 cores.
+    main(["prune", "--checkpoint", str(root / "model.pth"), "--sweep", "--method", "structured",
+          "--data-root", str(root / "data"), "--images", "2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1] == " " or line[:1].isdigit()]
+    rows = [r for r in rows if len(r) == 4 and r[0] != "sparsity"]
+    assert [float(r[0]) for r in rows] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    reached = [float(r[1]) for r in rows]
+    assert reached == sorted(reached) and reached[0] == 0.0 and reached[-1] > 0.8
+    assert float(rows[0][3]) == 1.0 and all(0.0 <= float(r[2]) <= 1.0 for r in rows)

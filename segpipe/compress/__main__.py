@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -114,13 +112,13 @@ def sweep(model: nn.Module, checkpoint: dict, args: argparse.Namespace) -> None:
 
 def run_prune(args: argparse.Namespace) -> None:
     """prune: load, prune (or sweep), save a checkpoint that load_artefact and train.init_from can read."""
-    if args.finetune_epochs and not _has_train_one_epoch():
-        raise SystemExit("--finetune-epochs is not implemented yet: it needs segpipe.engine.train_one_epoch, which "
-                         "this checkout does not have. Prune without it, then fine-tune through the normal loop: "
-                         f"`python train.py --config CONFIG train.init_from={args.out or 'PRUNED.pth'}`")
     if args.finetune_epochs:
-        raise SystemExit("--finetune-epochs: segpipe.engine exists now but compress does not call it yet; "
-                         f"fine-tune with `python train.py --config CONFIG train.init_from={args.out}`")
+        # FIXME: fine-tuning belongs to the normal loop (train.py: data, loss, schedule, DDP, checkpoints);
+        # a second, smaller loop here would drift from it. train.py must rebuild the pruned widths with
+        # segpipe.compress.model_from_checkpoint when init_from is a structured-pruned artefact.
+        raise SystemExit("--finetune-epochs is not implemented in segpipe.compress: prune without it, then "
+                         "fine-tune through the normal training loop with `python train.py --config CONFIG "
+                         f"train.init_from={args.out or 'PRUNED.pth'} train.epochs=N`")
     checkpoint = read_checkpoint(args.checkpoint)
     if args.sweep:
         return sweep(model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint, args)
@@ -133,12 +131,6 @@ def run_prune(args: argparse.Namespace) -> None:
     write_checkpoint(compressed_checkpoint(checkpoint, model, record), args.out)
     print(f"{args.method} pruning: sparsity {record['sparsity']:.3f} (asked {args.sparsity}), parameters "
           f"{params_before:,} -> {record['params_after']:,}; wrote {args.out}")
-
-
-def _has_train_one_epoch() -> bool:
-    """Whether the training loop to fine-tune with exists in this checkout."""
-    return importlib.util.find_spec("segpipe.engine") is not None and hasattr(
-        importlib.import_module("segpipe.engine"), "train_one_epoch")
 
 
 def run_quantize(args: argparse.Namespace) -> None:

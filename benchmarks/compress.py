@@ -1,0 +1,206 @@
+"""One table of compressed DeepLabV3-ResNet50 variants on CPU: latency, size, parameters, agreement, mIoU.
+
+    nice python benchmarks/compress.py [--checkpoint P] [--data-root ../shared/data/camvid] [--images N]
+
+Latency: batch 1 at 360x480, --threads threads, the median of --runs timed forwards after warm-up.
+The variants are timed in interleaved rounds (one forward of each per round) so that load from other
+processes on a shared machine spreads over all rows instead of penalising whichever ran at the wrong time.
+Agreement is the share of valid-set pixels whose class equals the fp32 model's; mIoU uses the valid
+masks (11 = void ignored). The auxiliary head is removed in every row: inference never reads it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segpipe.compress.artefact import (Bf16Autocast, build_float_model, compressed_checkpoint,  # noqa: E402
+                                       model_from_checkpoint, read_checkpoint, write_checkpoint)
+from segpipe.compress.int8 import load_int8, quantize_int8, save_int8  # noqa: E402
+from segpipe.compress.quality import (calibration_images, image_paths, load_image, load_mask,  # noqa: E402
+                                      mean_iou, pixel_agreement, predict_classes)
+from segpipe.compress.structured import prune_channels  # noqa: E402
+from segpipe.compress.unstructured import prune_unstructured  # noqa: E402
+
+MODEL = "deeplabv3_resnet50"
+CAMVID_CLASSES, CAMVID_VOID = 11, 11
+HEIGHT, WIDTH = 360, 480
+
+
+class ChannelsLast(nn.Module):
+    """Runs a float model with weights and input in channels_last."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(images.contiguous(memory_format=torch.channels_last))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="a trained deeplabv3_resnet50 segpipe checkpoint (default: random init)")
+    parser.add_argument("--data-root", default="../shared/data/camvid")
+    parser.add_argument("--images", type=int, default=None, help="valid images for agreement/mIoU (default all)")
+    parser.add_argument("--calib-images", type=int, default=64, help="training images to calibrate int8 on")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=10, help="timed forwards per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per variant first")
+    return parser.parse_args()
+
+
+def load_float(args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """The fp32 model and its checkpoint dict (a synthetic one for random init)."""
+    if args.checkpoint:
+        checkpoint = read_checkpoint(args.checkpoint)
+        return model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint
+    print("NOTE: no --checkpoint: a RANDOMLY INITIALISED model. Latency, size and parameter counts are real; "
+          "agreement is only indicative and mIoU is meaningless.", flush=True)
+    torch.manual_seed(0)
+    model = build_float_model(MODEL, CAMVID_CLASSES)
+    checkpoint = {"format": "segpipe-checkpoint", "version": 1, "model_name": MODEL,
+                  "num_classes": CAMVID_CLASSES, "ignore_index": CAMVID_VOID, "model": model.state_dict(),
+                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "eval_size": None}
+    model.aux_classifier = None
+    return model.eval(), checkpoint
+
+
+def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
+                   folder: Path) -> dict[str, dict]:
+    """name -> {"run": callable, "file": saved artefact, "params": str}, each saved the way the CLI saves it."""
+    params = sum(p.numel() for p in model.parameters())
+    variants = {}
+
+    def add(name: str, run: Callable, file: Path, n_params: int | str = params) -> None:
+        variants[name] = {"run": run, "file": file, "params": n_params}
+        print(f"  built {name}", flush=True)
+
+    def save_float(name: str, m: nn.Module, compression: dict) -> Path:
+        path = folder / f"{name}.pth"
+        write_checkpoint(compressed_checkpoint(checkpoint, m, compression), path)
+        return path
+
+    fp32_file = save_float("fp32", model, {"method": "none"})
+    add("fp32 eager", model, fp32_file)
+    add("fp32 channels_last", ChannelsLast(copy.deepcopy(model)).eval(), fp32_file)
+    add("bf16 autocast (channels_last)", Bf16Autocast(copy.deepcopy(model)).eval(),
+        save_float("bf16", model, {"method": "bf16"}))
+
+    t = time.perf_counter()
+    calibration = list(calibration_images(args.data_root, args.calib_images, checkpoint["mean"], checkpoint["std"],
+                                          _size(checkpoint)))
+    program = quantize_int8(model, calibration)
+    int8_file = folder / "int8.pt2"
+    save_int8(program, int8_file, {"model_name": MODEL, "compression": {"method": "int8"}})
+    int8, _ = load_int8(int8_file, compile=True)
+    print(f"  int8: calibrated on {len(calibration)} training images, quantized and saved in "
+          f"{time.perf_counter() - t:.0f} s (compiles on first call)", flush=True)
+    add("int8 (PT2E, compiled)", int8, int8_file)
+
+    for sparsity in (0.3, 0.5):
+        pruned = copy.deepcopy(model)
+        channels = prune_channels(pruned, sparsity)
+        n = sum(p.numel() for p in pruned.parameters())
+        add(f"structured {sparsity:.0%}", pruned.eval(),
+            save_float(f"structured{sparsity}", pruned, {"method": "structured", "channels": channels}), n)
+
+    sparse = copy.deepcopy(model)
+    reached = prune_unstructured(sparse, 0.5, "layer")
+    nonzero = sum(int((p != 0).sum()) for p in sparse.parameters())
+    add("unstructured 50%", sparse.eval(), save_float("unstructured", sparse, {"method": "unstructured",
+                                                                               "sparsity": reached}),
+        f"{params / 1e6:.1f}M ({nonzero / 1e6:.1f}M nz)")
+    return variants
+
+
+def _size(checkpoint: dict) -> tuple[int, int] | None:
+    size = checkpoint.get("eval_size")
+    return tuple(size) if size else None
+
+
+@torch.no_grad()
+def time_variants(variants: dict[str, dict], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per forward of a 1x3x360x480 batch, interleaved over the variants."""
+    x = torch.randn(1, 3, HEIGHT, WIDTH)
+    for name, v in variants.items():
+        t = time.perf_counter()
+        for _ in range(warmup):
+            v["run"](x)
+        print(f"  warm-up {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(runs):
+        for name, v in variants.items():
+            t = time.perf_counter()
+            v["run"](x)
+            times[name].append((time.perf_counter() - t) * 1000)
+        print(f"  round {r + 1}/{runs}: " + ", ".join(f"{times[n][-1]:.0f}" for n in variants), flush=True)
+    return times
+
+
+def quality(variants: dict[str, dict], checkpoint: dict, args: argparse.Namespace) -> dict[str, tuple]:
+    """(agreement with fp32, mIoU) of each variant on the valid images."""
+    paths = image_paths(args.data_root, "valid", args.images)
+    size = _size(checkpoint)
+    images = [load_image(p, checkpoint["mean"], checkpoint["std"], size) for p in paths]
+    masks = [load_mask(p) for p in paths]
+    if size is not None:
+        masks = [nn.functional.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long()
+                 for m in masks]
+    ignore = checkpoint.get("ignore_index", CAMVID_VOID)
+    reference = None
+    results = {}
+    for name, v in variants.items():
+        t = time.perf_counter()
+        preds = predict_classes(v["run"], images)
+        reference = reference if reference is not None else preds  # the first row is fp32 eager
+        results[name] = (pixel_agreement(preds, reference),
+                         mean_iou(preds, masks, checkpoint["num_classes"], ignore))
+        print(f"  {name}: {len(images)} images in {time.perf_counter() - t:.0f} s", flush=True)
+    return results
+
+
+def print_table(variants: dict[str, dict], times: dict[str, list[float]], scores: dict[str, tuple],
+                n_images: int) -> None:
+    base = statistics.median(times["fp32 eager"])
+    print(f"\n| variant | latency ms (median) | speed-up | file MB | parameters | agreement | mIoU |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, v in variants.items():
+        ms = statistics.median(times[name])
+        params = v["params"] if isinstance(v["params"], str) else f"{v['params'] / 1e6:.1f}M"
+        agree, miou = scores[name]
+        print(f"| {name} | {ms:.0f} | {base / ms:.2f}x | {os.path.getsize(v['file']) / 1e6:.1f} | {params} | "
+              f"{agree:.2%} | {miou:.4f} |")
+    print(f"\nagreement and mIoU over {n_images} valid images; latency min..max per row: " +
+          "; ".join(f"{n}: {min(t):.0f}..{max(t):.0f}" for n, t in times.items()))
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs visible, "
+          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    model, checkpoint = load_float(args)
+    with tempfile.TemporaryDirectory(prefix="segpipe-compress-bench-") as folder:
+        variants = build_variants(model, checkpoint, args, Path(folder))
+        times = time_variants(variants, args.runs, args.warmup)
+        scores = quality(variants, checkpoint, args)
+        n_images = len(image_paths(args.data_root, "valid", args.images))
+        print_table(variants, times, scores, n_images)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end "
+          f"({'random init' if not args.checkpoint else args.checkpoint})")
+
+
+if __name__ == "__main__":
+    main()
