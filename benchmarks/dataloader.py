@@ -1,0 +1,154 @@
+"""Data loading throughput and worker memory: `python benchmarks/dataloader.py [--root ../shared/data/camvid]`.
+
+Prints samples/s of the decode-only floor, the naive stock-v2 pipeline, and segpipe's train pipeline
+(decode, scale, crop, flip, blur p=0.5, normalise) in one process, then the train loader with 0/1/2
+workers; then the peak memory of the main process and 2 workers iterating 2,000 samples over a
+10,000-entry and a 1,000,000-entry file index.
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from segpipe.config import load_config  # noqa: E402
+from segpipe.data import FileIndex, MaskDecoder, SegmentationDataset, load_index  # noqa: E402
+from segpipe.transforms import train_transform  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def naive_transform(cfg) -> v2.Compose:
+    """The same augmentations in the order people often write them: photometric on the full float image first."""
+    h = 360
+    return v2.Compose([
+        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        v2.RandomApply([v2.GaussianBlur(cfg.blur_kernel, sigma=tuple(cfg.blur_sigma))], p=cfg.blur_prob),
+        v2.RandomResize(int(cfg.scale_range[0] * h), int(cfg.scale_range[1] * h)),
+        v2.RandomCrop(cfg.crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: cfg.ignore_index}),
+        v2.RandomHorizontalFlip(cfg.hflip_prob),
+        v2.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def per_sample_rate(dataset: Dataset, n: int, repeats: int) -> float:
+    """Median samples/s of dataset[i] in this process over `repeats` passes of n samples."""
+    rates = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        for i in range(n):
+            dataset[(i % len(dataset), r * n + i)]
+        rates.append(n / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def loader_rate(dataset: Dataset, workers: int, n: int, batch_size: int = 8) -> float:
+    """Samples/s of a DataLoader over the first n samples, after its workers have started."""
+    loader = DataLoader(dataset, batch_size, sampler=[(i % len(dataset), i) for i in range(n + 2 * batch_size)],
+                        num_workers=workers, persistent_workers=False)
+    it = iter(loader)
+    next(it), next(it)  # worker start-up is not throughput
+    start = time.perf_counter()
+    count = sum(len(batch[0]) for batch in it)
+    return count / (time.perf_counter() - start)
+
+
+class MemoryProbe(Dataset):
+    """Wraps a dataset; each sample also reports the peak RSS and private memory of the process that made it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.dataset[i]
+        return torch.tensor([os.getpid(), *memory_mb()])
+
+
+def memory_mb() -> tuple[float, float]:
+    """(peak RSS, current private memory) of this process in MB, from /proc."""
+    peak = private = 0.0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                private += int(line.split()[1]) / 1024
+    return peak, private
+
+
+def index_of_size(real: FileIndex, size: int) -> FileIndex:
+    """A file index of `size` entries cycling over the real files (same name lengths as a real data set)."""
+    reps = -(-size // len(real))
+    return FileIndex(real.split_dir, np.tile(real.names, reps)[:size], np.tile(real.exts, reps)[:size])
+
+
+def worker_memory(dataset: SegmentationDataset, samples: int) -> tuple[float, float, float]:
+    """Peak RSS of the main process, max peak RSS and max private memory of 2 workers, in MB."""
+    loader = DataLoader(MemoryProbe(dataset), batch_size=8, num_workers=2,
+                        sampler=torch.randperm(len(dataset))[:samples].tolist())
+    worker_peak, worker_private = {}, {}
+    for batch in loader:
+        for pid, peak, private in batch.tolist():
+            worker_peak[pid] = max(worker_peak.get(pid, 0), peak)
+            worker_private[pid] = max(worker_private.get(pid, 0), private)
+    return memory_mb()[0], max(worker_peak.values()), max(worker_private.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "camvid"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "camvid.yaml"))
+    parser.add_argument("--samples", type=int, default=80, help="samples per timed pass")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one core per worker is how the loader runs
+    cfg = load_config(args.config, [f"data.root={args.root}"]).data
+    index = load_index(cfg.root, "train", cfg.cache_dir)
+    decoder = MaskDecoder(len(cfg.classes), cfg.ignore_index, cfg.mask_format, cfg.palette, cfg.palette_ignore,
+                          cfg.label_map)
+    floor = SegmentationDataset(index, decoder, None)
+    naive = SegmentationDataset(index, decoder, naive_transform(cfg))
+    ours = SegmentationDataset(index, decoder, train_transform(cfg))
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{cfg.root}, crop {cfg.crop_size}, scale {cfg.scale_range}, blur p={cfg.blur_prob}, 1 thread per process")
+    rates = {}
+    for name, ds in [("decode only (floor)", floor), ("naive stock v2 (full image)", naive),
+                     ("segpipe train pipeline", ours)]:
+        per_sample_rate(ds, 5, 1)  # warm-up
+        rates[name] = per_sample_rate(ds, args.samples, args.repeats)
+    print("\n| pipeline, one process | samples/s | ms/sample | vs floor |")
+    print("|---|---:|---:|---:|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.1f} | {1000 / rate:.2f} | {rate / rates['decode only (floor)']:.2f}x |")
+    print(f"\nsegpipe vs naive: {rates['segpipe train pipeline'] / rates['naive stock v2 (full image)']:.2f}x")
+
+    print("\n| train loader (batch 8) | samples/s |")
+    print("|---|---:|")
+    for workers in (0, 1, 2):
+        print(f"| {workers} workers | {loader_rate(ours, workers, 2 * args.samples):.1f} |")
+
+    print("\n| file index entries | main peak RSS MB | worker peak RSS MB | worker private MB |")
+    print("|---:|---:|---:|---:|")
+    for size in (10_000, 1_000_000):
+        big = SegmentationDataset(index_of_size(index, size), decoder, train_transform(cfg))
+        main_peak, peak, private = worker_memory(big, 2000)
+        print(f"| {size:,} | {main_peak:.0f} | {peak:.0f} | {private:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
