@@ -243,3 +243,21 @@ def test_sweep_prints_miou_for_each_sparsity(workspace, capsys):
     reached = [float(r[1]) for r in rows]
     assert reached == sorted(reached) and reached[0] == 0.0 and reached[-1] > 0.8
     assert float(rows[0][3]) == 1.0 and all(0.0 <= float(r[2]) <= 1.0 for r in rows)
+
+
+def test_bf16_of_a_pruned_model_keeps_the_pruned_widths(workspace):
+    root, model = workspace
+    pruned, out = root / "chain_structured.pth", root / "chain_bf16.pth"
+    main(["prune", "--checkpoint", str(root / "model.pth"), "--method", "structured", "--sparsity", "0.3",
+          "--out", str(pruned)])
+    main(["quantize", "--checkpoint", str(pruned), "--dtype", "bf16", "--out", str(out)])
+    loaded, meta = load_artefact(out)
+    assert meta["compression"]["method"] == "bf16" and meta["compression"]["previous"]["method"] == "structured"
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+    assert forward(loaded, images()).shape == (2, NUM_CLASSES, SIZE, SIZE)
+
+
+def test_cli_refuses_a_suffix_that_would_not_load(workspace):
+    root, _ = workspace
+    with pytest.raises(SystemExit, match=r"\*\.pt2"):
+        main(["quantize", "--checkpoint", str(root / "model.pth"), "--out", str(root / "int8.pth")])

@@ -119,6 +119,8 @@ def run_prune(args: argparse.Namespace) -> None:
         raise SystemExit("--finetune-epochs is not implemented in segpipe.compress: prune without it, then "
                          "fine-tune through the normal training loop with `python train.py --config CONFIG "
                          f"train.init_from={args.out or 'PRUNED.pth'} train.epochs=N`")
+    if args.out and Path(args.out).suffix == INT8_SUFFIX:
+        raise SystemExit(f"--out {args.out}: pruned models are checkpoints; name the file *.pth")
     checkpoint = read_checkpoint(args.checkpoint)
     if args.sweep:
         return sweep(model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint, args)
@@ -135,6 +137,9 @@ def run_prune(args: argparse.Namespace) -> None:
 
 def run_quantize(args: argparse.Namespace) -> None:
     """quantize: bf16 (a checkpoint flagged for autocast) or int8 (calibrate, convert, save a .pt2)."""
+    wanted = INT8_SUFFIX if args.dtype == "int8" else ".pth"
+    if (Path(args.out).suffix == INT8_SUFFIX) != (args.dtype == "int8"):
+        raise SystemExit(f"--out {args.out}: {args.dtype} artefacts are read by their suffix; name it *{wanted}")
     checkpoint = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint, keep_aux=False).eval()
     previous = checkpoint.get("compression")

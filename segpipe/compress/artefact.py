@@ -71,9 +71,9 @@ def model_from_checkpoint(checkpoint: dict, keep_aux: bool = True) -> nn.Module:
     the registry's, so the architecture must be shrunk before load_state_dict.
     """
     model = build_float_model(checkpoint["model_name"], checkpoint["num_classes"])
-    compression = checkpoint.get("compression") or {}
-    if compression.get("method") == "structured":
-        shrink_to_channels(model, compression["channels"])
+    structured = _find_step(checkpoint.get("compression"), "structured")
+    if structured is not None:
+        shrink_to_channels(model, structured["channels"])
     state = checkpoint["model"]
     if getattr(model, "aux_classifier", None) is not None and not any(k.startswith("aux_classifier.") for k in state):
         model.aux_classifier = None  # the artefact was saved without its training-only head
@@ -81,6 +81,15 @@ def model_from_checkpoint(checkpoint: dict, keep_aux: bool = True) -> nn.Module:
     if not keep_aux and getattr(model, "aux_classifier", None) is not None:
         model.aux_classifier = None  # inference reads only "out"; the auxiliary head would cost time
     return model
+
+
+def _find_step(compression: dict | None, method: str) -> dict | None:
+    """The record of `method` in a chain of compressions (each keeps the one before it under "previous")."""
+    while compression:
+        if compression.get("method") == method:
+            return compression
+        compression = compression.get("previous")
+    return None
 
 
 class Bf16Autocast(nn.Module):
