@@ -13,6 +13,16 @@ IGNORE = 255
 BUILDERS = {"unet": build_unet, "resnet50_convhead": build_resnet50_convhead}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy shared CPU, OpenMP threads spin-waiting for each other cost
+    more than a second thread gains on inputs this small."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build(name: str, num_classes: int, seed: int = 0, **kwargs) -> nn.Module:
     """Build a model with a fixed random init, so tests are deterministic."""
     torch.manual_seed(seed)
