@@ -1,17 +1,17 @@
 """U-Net baseline: a torchvision ResNet encoder with a light skip-connection decoder, any input size.
 
 Why a ResNet encoder and not the classic double-conv one: the classic full-width U-Net
-(64..1024 channels, two 3x3 convs per level) costs about 290 GFLOPs (145 G multiply-adds, by
-hand count) at 360x480, several times a ResNet-50 U-Net, and has no ImageNet weights in torchvision. A ResNet encoder gives
-`model.weights=imagenet`, and ResNet-50 (the default) is the backbone of the other two models
-in the paper's comparison, so differences come from the decoder; its Bottleneck blocks are
-also what compress.py's channel pruning works on. ResNet-18/34 are available as cheaper
-encoders (`encoder=`), but have BasicBlocks, which that pruning does not touch.
+(64..1024 channels, two 3x3 convs per level) costs about 290 GFLOPs at 360x480 (hand count),
+eight times this model's 37, and has no ImageNet weights in torchvision. A ResNet encoder
+gives `model.weights=imagenet`, and ResNet-50 (the default) is the backbone of the other two
+models in the paper's comparison, so differences come from the decoder; its Bottleneck blocks
+are also what compress.py's channel pruning works on. ResNet-18/34 are cheaper encoders
+(`encoder=`), but have BasicBlocks, which that pruning does not touch.
 
 Decoder: at each of the five scales, upsample x2 (nearest), concatenate the encoder skip,
 fuse with a 1x1 conv and refine with one 3x3 conv. The 1x1 fuse keeps ResNet-50's wide skips
-(up to 2048 + 1024 channels at stride 16) cheap; a 3x3 conv on that concatenation alone would
-cost about as much as the whole encoder.
+cheap: a 3x3 conv on the 2048 + 1024 channels at stride 16 alone would add 10 GFLOPs,
+a third of the encoder.
 """
 from __future__ import annotations
 
