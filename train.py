@@ -38,10 +38,7 @@ try:
     cfg = load_config(args.config, args.overrides)
 except ConfigError as e:
     sys.exit(f"config error: {e}")
-if cfg.data.root == "data/synthetic" and not Path(cfg.data.root, "train").exists():
-    from segpipe.synthetic import ensure_dataset
-    ensure_dataset(cfg.data.root)
-if not Path(cfg.data.root).is_dir():
+if not cfg.data.synthetic and not Path(cfg.data.root).is_dir():
     sys.exit(f"data.root={cfg.data.root} does not exist. Put your data in ROOT/train/NAME.jpg + NAME_mask.png "
              f"(and ROOT/valid/...), then run `python train.py --config configs/default.yaml data.root=ROOT`; "
              f"or try the built-in demo: `python train.py --config configs/synthetic.yaml`")
@@ -54,9 +51,12 @@ log = print if rt.is_main else (lambda *a, **k: None)
 
 # -- data ---------------------------------------------------------------------------------------------
 try:
-    # Local rank 0 lists the folders first, so a node's other ranks read its cached index.
+    # Local rank 0 prepares the folders first, so a node's other ranks read its cached index.
     if rt.local_rank != 0 and rt.world_size > 1:
         torch.distributed.barrier()
+    if cfg.data.synthetic:
+        from segpipe.synthetic import ensure_dataset
+        ensure_dataset(cfg.data.root)  # written once, on first use
     train_index = load_index(cfg.data.root, "train", cfg.data.cache_dir, cfg.data.skip_unpaired)
     valid_index = load_index(cfg.data.root, "valid", cfg.data.cache_dir, cfg.data.skip_unpaired)
     if rt.local_rank == 0 and rt.world_size > 1:

@@ -40,6 +40,7 @@ class DataConfig:
     num_workers: int = 2
     cache_dir: Optional[str] = None  # where the file index goes if ROOT is read-only
     skip_unpaired: bool = False  # images without a mask: False = stop with an error, True = warn and skip
+    synthetic: bool = False  # generate the built-in synthetic street scenes at data.root if missing
 
 
 @dataclass

@@ -219,3 +219,28 @@ def test_exact_once_validation_on_odd_image_count(free_port):
     masks = torch.randint(0, 4, (7, 8, 8), generator=g)
     masks[:, 0] = 3
     assert int(single.sum()) == int((masks != 3).sum())  # every image counted once, ignored pixels not at all
+
+
+def test_rgb_masks_train_with_only_a_palette_in_the_config(make_dataset, tmp_path):
+    palette = [[128, 64, 128], [70, 70, 70], [0, 0, 142]]
+    root = make_dataset(n_train=2, n_valid=1, rgb_palette=palette)
+    result = train(root, tmp_path / "rgb", "train.max_steps=1", "data.mask_format=rgb",
+                   f"data.palette={palette}")
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(tmp_path / "rgb" / "last.pt")["palette"] == palette
+
+
+def test_label_id_masks_train_with_a_label_map(make_dataset, tmp_path):
+    root = make_dataset(n_train=2, n_valid=1, num_classes=3)  # raw ids 0, 1, 2
+    result = train(root, tmp_path / "ids", "train.max_steps=1", "data.classes=[a,b]",
+                   "data.label_map={0: 255, 1: 0, 2: 1}")
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(tmp_path / "ids" / "last.pt")["num_classes"] == 2
+
+
+def test_unknown_classes_are_discovered_from_the_masks(make_dataset, tmp_path):
+    root = make_dataset(n_train=2, n_valid=1, num_classes=3)
+    result = train(root, tmp_path / "disc", "train.max_steps=1", "data.classes=null")
+    assert result.returncode == 0, result.stderr
+    assert "found labels [0, 1, 2]" in result.stdout
+    assert load_checkpoint(tmp_path / "disc" / "last.pt")["classes"] == ["class_0", "class_1", "class_2"]
