@@ -5,6 +5,8 @@
 Latency: batch 1 at 360x480, --threads threads, the median of --runs timed forwards after warm-up.
 The variants are timed in interleaved rounds (one forward of each per round) so that load from other
 processes on a shared machine spreads over all rows instead of penalising whichever ran at the wrong time.
+"vs fp32 same format" compares each row with the fp32 model run the same way (contiguous eager, or
+channels_last); int8 is compiled and picks its own layout, so it is compared with fp32 eager.
 Agreement is the share of valid-set pixels whose class equals the fp32 model's; mIoU uses the valid
 masks (11 = void ignored). The auxiliary head is removed in every row: inference never reads it.
 """
@@ -34,6 +36,7 @@ from segpipe.compress.structured import prune_channels  # noqa: E402
 from segpipe.compress.unstructured import prune_unstructured  # noqa: E402
 
 MODEL = "deeplabv3_resnet50"
+FP32, FP32_CL = "fp32 eager", "fp32 channels_last"
 CAMVID_CLASSES, CAMVID_VOID = 11, 11
 HEIGHT, WIDTH = 360, 480
 
@@ -50,6 +53,7 @@ class ChannelsLast(nn.Module):
 
 
 def parse_args() -> argparse.Namespace:
+    """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a trained deeplabv3_resnet50 segpipe checkpoint (default: random init)")
     parser.add_argument("--data-root", default="../shared/data/camvid")
@@ -58,6 +62,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10, help="timed forwards per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per variant first")
+    parser.add_argument("--wait-load", type=float, default=None,
+                        help="before timing, wait (at most --wait-minutes) until the 1-minute load average is "
+                             "below this: on a shared machine, other processes otherwise dominate the latencies")
+    parser.add_argument("--wait-minutes", type=float, default=30)
     return parser.parse_args()
 
 
@@ -83,8 +91,8 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
     params = sum(p.numel() for p in model.parameters())
     variants = {}
 
-    def add(name: str, run: Callable, file: Path, n_params: int | str = params) -> None:
-        variants[name] = {"run": run, "file": file, "params": n_params}
+    def add(name: str, run: Callable, file: Path, n_params: int | str = params, baseline: str = FP32) -> None:
+        variants[name] = {"run": run, "file": file, "params": n_params, "baseline": baseline}
         print(f"  built {name}", flush=True)
 
     def save_float(name: str, m: nn.Module, compression: dict) -> Path:
@@ -93,10 +101,10 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
         return path
 
     fp32_file = save_float("fp32", model, {"method": "none"})
-    add("fp32 eager", model, fp32_file)
-    add("fp32 channels_last", ChannelsLast(copy.deepcopy(model)).eval(), fp32_file)
+    add(FP32, model, fp32_file)
+    add(FP32_CL, ChannelsLast(copy.deepcopy(model)).eval(), fp32_file, baseline=FP32_CL)
     add("bf16 autocast (channels_last)", Bf16Autocast(copy.deepcopy(model)).eval(),
-        save_float("bf16", model, {"method": "bf16"}))
+        save_float("bf16", model, {"method": "bf16"}), baseline=FP32_CL)
 
     t = time.perf_counter()
     calibration = list(calibration_images(args.data_root, args.calib_images, checkpoint["mean"], checkpoint["std"],
@@ -113,8 +121,10 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
         pruned = copy.deepcopy(model)
         channels = prune_channels(pruned, sparsity)
         n = sum(p.numel() for p in pruned.parameters())
-        add(f"structured {sparsity:.0%}", pruned.eval(),
-            save_float(f"structured{sparsity}", pruned, {"method": "structured", "channels": channels}), n)
+        file = save_float(f"structured{sparsity}", pruned, {"method": "structured", "channels": channels})
+        add(f"structured {sparsity:.0%}", pruned.eval(), file, n)
+        if sparsity == 0.5:
+            add("structured 50% channels_last", ChannelsLast(copy.deepcopy(pruned)).eval(), file, n, FP32_CL)
 
     sparse = copy.deepcopy(model)
     reached = prune_unstructured(sparse, 0.5, "layer")
@@ -126,8 +136,22 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
 
 
 def _size(checkpoint: dict) -> tuple[int, int] | None:
+    """The checkpoint's evaluation size (h, w), or None for the images' own size."""
     size = checkpoint.get("eval_size")
     return tuple(size) if size else None
+
+
+def wait_for_quiet(max_load: float | None, minutes: float) -> None:
+    """Sleep until the load average drops below max_load, or give up after `minutes` and say so."""
+    if max_load is None:
+        return
+    deadline = time.time() + 60 * minutes
+    while os.getloadavg()[0] >= max_load and time.time() < deadline:
+        time.sleep(15)
+    load = os.getloadavg()[0]
+    print(f"  load average {load:.1f} when timing starts" + ("" if load < max_load else
+          f" (still above {max_load} after {minutes:.0f} min: latencies include other processes' load)"),
+          flush=True)
 
 
 @torch.no_grad()
@@ -146,6 +170,7 @@ def time_variants(variants: dict[str, dict], runs: int, warmup: int) -> dict[str
             v["run"](x)
             times[name].append((time.perf_counter() - t) * 1000)
         print(f"  round {r + 1}/{runs}: " + ", ".join(f"{times[n][-1]:.0f}" for n in variants), flush=True)
+    print(f"  load average {os.getloadavg()[0]:.1f} when timing ended", flush=True)
     return times
 
 
@@ -173,20 +198,23 @@ def quality(variants: dict[str, dict], checkpoint: dict, args: argparse.Namespac
 
 def print_table(variants: dict[str, dict], times: dict[str, list[float]], scores: dict[str, tuple],
                 n_images: int) -> None:
-    base = statistics.median(times["fp32 eager"])
-    print(f"\n| variant | latency ms (median) | speed-up | file MB | parameters | agreement | mIoU |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    """The markdown table, speed-ups relative to fp32 eager."""
+    base = statistics.median(times[FP32])
+    print("\n| variant | latency ms (median) | min ms | speed-up vs fp32 eager | vs fp32 same format | file MB "
+          "| parameters | agreement | mIoU |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, v in variants.items():
         ms = statistics.median(times[name])
+        same = statistics.median(times[v["baseline"]]) / ms
         params = v["params"] if isinstance(v["params"], str) else f"{v['params'] / 1e6:.1f}M"
         agree, miou = scores[name]
-        print(f"| {name} | {ms:.0f} | {base / ms:.2f}x | {os.path.getsize(v['file']) / 1e6:.1f} | {params} | "
-              f"{agree:.2%} | {miou:.4f} |")
-    print(f"\nagreement and mIoU over {n_images} valid images; latency min..max per row: " +
-          "; ".join(f"{n}: {min(t):.0f}..{max(t):.0f}" for n, t in times.items()))
+        print(f"| {name} | {ms:.0f} | {min(times[name]):.0f} | {base / ms:.2f}x | {same:.2f}x ({v['baseline']}) "
+              f"| {os.path.getsize(v['file']) / 1e6:.1f} | {params} | {agree:.2%} | {miou:.4f} |")
+    print(f"\nagreement and mIoU over {n_images} valid images")
 
 
 def main() -> None:
+    """Build every variant, time them interleaved, score them on the valid images, print the table."""
     args = parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs visible, "
@@ -194,11 +222,12 @@ def main() -> None:
     model, checkpoint = load_float(args)
     with tempfile.TemporaryDirectory(prefix="segpipe-compress-bench-") as folder:
         variants = build_variants(model, checkpoint, args, Path(folder))
+        wait_for_quiet(args.wait_load, args.wait_minutes)
         times = time_variants(variants, args.runs, args.warmup)
         scores = quality(variants, checkpoint, args)
         n_images = len(image_paths(args.data_root, "valid", args.images))
         print_table(variants, times, scores, n_images)
-    print(f"load average {os.getloadavg()[0]:.1f} at the end "
+    print(f"load average {os.getloadavg()[0]:.1f} at the end of the run "
           f"({'random init' if not args.checkpoint else args.checkpoint})")
 
 
