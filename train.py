@@ -71,6 +71,11 @@ try:
         log(f"data.classes is not set: found labels {found} in the training masks; using {cfg.data.classes}. "
             f"Name them in your config (data.classes: [road, car, ...]) in this order.")
     num_classes = len(cfg.data.classes)
+    if cfg.data.palette:
+        palette = [list(c) for c in cfg.data.palette]
+    else:
+        from segpipe.visualize import default_palette
+        palette = [list(c) for c in default_palette(num_classes)]
     decoder = MaskDecoder(num_classes, cfg.data.ignore_index, cfg.data.mask_format, cfg.data.palette,
                           cfg.data.palette_ignore, cfg.data.label_map)
 except DataError as e:
@@ -167,7 +172,7 @@ if resume:
 def checkpoint(miou: float) -> dict:
     """Everything needed to resume training, or to predict without the config file."""
     return {"format": FORMAT, "version": 1, "model_name": cfg.model.name, "num_classes": num_classes,
-            "model": model.state_dict(), "classes": list(cfg.data.classes), "palette": cfg.data.palette,
+            "model": model.state_dict(), "classes": list(cfg.data.classes), "palette": palette,
             "ignore_index": cfg.data.ignore_index, "mean": cfg.data.mean, "std": cfg.data.std,
             "eval_size": cfg.data.eval_size, "config": to_dict(cfg), "epoch": state.epoch, "step": state.step,
             "batches_done": state.batches_done, "best_miou": max(best_miou, miou), "miou": miou,
@@ -197,10 +202,19 @@ def log_validation(metrics: dict, kept: list) -> None:
     for name, iou in zip(cfg.data.classes, metrics["iou"]):
         if iou == iou:  # NaN: class absent from truth and prediction
             writer.add_scalar(f"val_iou/{name}", iou, state.step)
-    if kept:
-        from segpipe.visualize import validation_panel  # FIXME: lands with visualize.py
-        for i, (image, truth, pred) in enumerate(kept):
-            writer.add_image(f"val/sample_{i}", validation_panel(image, truth, pred, cfg.data), state.step)
+    for i, (image, truth, pred) in enumerate(kept):
+        writer.add_image(f"val/sample_{i}", validation_panel(image, truth, pred), state.step)
+
+
+def validation_panel(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """image | truth | prediction side by side (uint8 CHW), at the mask's resolution, for TensorBoard."""
+    mean, std = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
+    rgb = ((image.float().cpu() * std + mean).clamp(0, 1) * 255).to(torch.uint8)
+    rgb = torch.nn.functional.interpolate(rgb[None].float(), size=truth.shape[-2:], mode="bilinear")[0]
+    colours = torch.tensor(palette + [[0, 0, 0]] * (256 - len(palette)), dtype=torch.uint8)
+    truth_rgb = colours[truth.long().clamp(0, 255)].permute(2, 0, 1)  # ignore_index shows black
+    pred_rgb = colours[pred.long()].permute(2, 0, 1)
+    return torch.cat([rgb.to(torch.uint8), truth_rgb, pred_rgb], dim=2)
 
 
 # SIGTERM (preemption, scancel, Ctrl-C): finish the current step, save last.pt, exit cleanly.
