@@ -192,7 +192,8 @@ def quality(variants: dict[str, dict], checkpoint: dict, args: argparse.Namespac
         reference = reference if reference is not None else preds  # the first row is fp32 eager
         results[name] = (pixel_agreement(preds, reference),
                          mean_iou(preds, masks, checkpoint["num_classes"], ignore))
-        print(f"  {name}: {len(images)} images in {time.perf_counter() - t:.0f} s", flush=True)
+        print(f"  {name}: {len(images)} images in {time.perf_counter() - t:.0f} s, agreement {results[name][0]:.2%}, "
+              f"mIoU {results[name][1]:.4f}", flush=True)
     return results
 
 
