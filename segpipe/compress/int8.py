@@ -9,8 +9,8 @@ oneDNN may saturate, see torchao's X86InductorQuantizer notes), torch and torcha
 recorded in the artefact, and a C++ compiler (g++), because torch.compile generates C++ on first use.
 The first call at a new input shape compiles (10-45 s for DeepLabV3-ResNet50 on 2 cores here, less with
 Inductor's on-disk cache warm); later calls are fast.
-Without a compiler, load with compile=False: nearly the same numbers (fused kernels round differently), but quantize/dequantize run as separate
-reference ops, so expect no speed-up (a check, not a deployment mode).
+Without a compiler, load with compile=False: nearly the same numbers (fused kernels round differently),
+but quantize/dequantize run as separate reference ops, so expect no speed-up (a check, not for deployment).
 """
 from __future__ import annotations
 
