@@ -22,7 +22,7 @@ PALETTE: list[tuple[int, int, int]] = [
 SKY, ROAD, BUILDING, VEGETATION, CAR, PERSON = range(len(CLASSES))
 
 MARKER = ".complete"  # written last: a root without it was never finished
-FORMAT_VERSION = 1  # bump when scenes change, so ensure_dataset regenerates old data sets
+FORMAT_VERSION = 2  # bump when scenes or file names change, so ensure_dataset regenerates old data sets
 SPLITS = ("train", "valid")
 
 Colour = tuple[int, int, int]
@@ -297,8 +297,8 @@ def write_dataset(root: str | os.PathLike, n_train: int = 200, n_valid: int = 50
             for i in range(n):
                 # One generator per image: image i is the same whatever n_train is.
                 image, mask = make_scene(np.random.default_rng([seed, split_id, i]), *size)
-                image.save(tmp / split / f"scene_{i:05d}.jpg", quality=92)
-                mask.save(tmp / split / f"scene_{i:05d}_mask.png")
+                image.save(tmp / split / f"{split}_{i:04d}.jpg", quality=92)
+                mask.save(tmp / split / f"{split}_{i:04d}_mask.png")
         (tmp / MARKER).write_text(json.dumps(spec, indent=1))
         _publish(tmp, root, spec)
     finally:
@@ -349,8 +349,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     kw = dict(n_train=args.train, n_valid=args.valid, size=tuple(args.size), seed=args.seed)
     start = time.perf_counter()
-    root = write_dataset(args.root, **kw) if args.force else ensure_dataset(args.root, **kw)
-    print(f"{root}: {args.train} train + {args.valid} valid scenes of {args.size[0]}x{args.size[1]}, "
+    if not args.force and _is_complete(Path(args.root), _spec(**kw)):
+        print(f"{args.root}: already complete ({args.train} train + {args.valid} valid); --force rewrites it")
+        return
+    root = write_dataset(args.root, **kw)
+    print(f"{root}: wrote {args.train} train + {args.valid} valid scenes of {args.size[0]}x{args.size[1]}, "
           f"classes {CLASSES} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -85,9 +85,9 @@ def test_ensure_dataset_keeps_a_complete_set(tmp_path):
 
 def test_ensure_dataset_redoes_a_set_with_missing_files(tmp_path):
     root = ensure_dataset(tmp_path / "synth", **SMALL)
-    (root / "train" / "scene_00001.jpg").unlink()
+    (root / "train" / "train_0001.jpg").unlink()
     ensure_dataset(root, **SMALL)
-    assert (root / "train" / "scene_00001.jpg").exists()
+    assert (root / "train" / "train_0001.jpg").exists()
 
 
 def test_ensure_dataset_redoes_a_set_made_with_other_arguments(tmp_path):
@@ -126,4 +126,4 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
 def test_cli_writes_a_set(tmp_path, capsys):
     synthetic.main(["--root", str(tmp_path / "cli"), "--train", "2", "--valid", "1", "--size", "32", "48"])
     assert len(list((tmp_path / "cli" / "valid").glob("*_mask.png"))) == 1
-    assert "2 train + 1 valid" in capsys.readouterr().out
+    assert "wrote 2 train + 1 valid" in capsys.readouterr().out
