@@ -259,6 +259,11 @@ def _spec(n_train: int, n_valid: int, size: tuple[int, int], seed: int) -> dict:
             "n_valid": int(n_valid), "size": [int(size[0]), int(size[1])], "seed": int(seed), "classes": CLASSES}
 
 
+def _stem(split: str, i: int) -> str:
+    """File name of scene i without extension: train_0000, as the README's examples."""
+    return f"{split}_{i:04d}"
+
+
 def _is_complete(root: Path, spec: dict) -> bool:
     """True if root holds a finished data set made from spec, with all its files still there."""
     try:
@@ -267,9 +272,10 @@ def _is_complete(root: Path, spec: dict) -> bool:
     except (OSError, ValueError):
         return False
     for split, n in zip(SPLITS, (spec["n_train"], spec["n_valid"])):
-        folder = root / split
-        if not folder.is_dir() or sum(1 for _ in folder.glob("*.jpg")) != n or sum(1 for _ in folder.glob("*_mask.png")) != n:
-            return False
+        for i in range(n):
+            stem = root / split / _stem(split, i)
+            if not (Path(f"{stem}.jpg").is_file() and Path(f"{stem}_mask.png").is_file()):
+                return False
     return True
 
 
@@ -297,8 +303,8 @@ def write_dataset(root: str | os.PathLike, n_train: int = 200, n_valid: int = 50
             for i in range(n):
                 # One generator per image: image i is the same whatever n_train is.
                 image, mask = make_scene(np.random.default_rng([seed, split_id, i]), *size)
-                image.save(tmp / split / f"{split}_{i:04d}.jpg", quality=92)
-                mask.save(tmp / split / f"{split}_{i:04d}_mask.png")
+                image.save(tmp / split / f"{_stem(split, i)}.jpg", quality=92)
+                mask.save(tmp / split / f"{_stem(split, i)}_mask.png")
         (tmp / MARKER).write_text(json.dumps(spec, indent=1))
         _publish(tmp, root, spec)
     finally:

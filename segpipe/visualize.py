@@ -83,7 +83,8 @@ def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: i
     return image
 
 
-def legend_entries(mask: np.ndarray, class_names: Sequence[str], ignore_index: int | None = None) -> list[tuple[int, str]]:
+def legend_entries(mask: np.ndarray, class_names: Sequence[str],
+                   ignore_index: int | None = None) -> list[tuple[int, str]]:
     """(class id, name) of each class present in mask, by id: what the overlay's legend lists."""
     mask, ignored = _class_ids(mask, len(class_names), ignore_index)
     return [(int(i), class_names[int(i)]) for i in np.unique(mask[~ignored])]
