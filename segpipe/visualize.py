@@ -19,7 +19,10 @@ FONT_SIZE = 10
 @functools.lru_cache(maxsize=8)
 def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's built-in font: needs no font file on any machine (fixed size if Pillow lacks FreeType)."""
-    return ImageFont.load_default(size)
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
+        return ImageFont.load_default()
 
 
 def _font_size_for(width: int) -> int:
@@ -57,6 +60,9 @@ def _class_ids(mask: np.ndarray, num_colours: int, ignore_index: int | None) -> 
     if mask.ndim != 2:
         raise ValueError(f"mask must be a 2-D array of class ids (H, W), got shape {mask.shape}; "
                          f"for a batch, pass one mask at a time")
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"mask must hold integer class ids, got dtype {mask.dtype}; for logits or "
+                         f"probabilities pass their argmax over the class axis")
     ignored = mask == ignore_index if ignore_index is not None else np.zeros(mask.shape, bool)
     kept = mask[~ignored]
     if kept.size and (kept.min() < 0 or kept.max() >= num_colours):

@@ -90,3 +90,8 @@ def test_confusion_matrix_image_checks_the_shape():
 def test_panels_width_is_the_sum_of_widths():
     out = panels([Image.new("RGB", (10, 8)), Image.new("P", (12, 6))], ["image", "a title far too long to fit"])
     assert out.width == 22 and out.height > 8 and out.mode == "RGB"
+
+
+def test_colorize_rejects_float_masks():
+    with pytest.raises(ValueError, match="argmax"):
+        colorize(np.zeros((2, 2), np.float32), default_palette(2))
