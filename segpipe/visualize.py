@@ -60,7 +60,7 @@ def _class_ids(mask: np.ndarray, num_colours: int, ignore_index: int | None) -> 
     if mask.ndim != 2:
         raise ValueError(f"mask must be a 2-D array of class ids (H, W), got shape {mask.shape}; "
                          f"for a batch, pass one mask at a time")
-    if not np.issubdtype(mask.dtype, np.integer):
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
         raise ValueError(f"mask must hold integer class ids, got dtype {mask.dtype}; for logits or "
                          f"probabilities pass their argmax over the class axis")
     ignored = mask == ignore_index if ignore_index is not None else np.zeros(mask.shape, bool)
