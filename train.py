@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from segpipe import distributed as dist_utils
-from segpipe.checkpoint import load_checkpoint, save_checkpoint, versions, FORMAT
+from segpipe.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint, versions
+from segpipe.compress import is_artefact, model_from_checkpoint
+from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
 from segpipe.config import ConfigError, load_config, to_dict
 from segpipe.data import (DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, discover_labels,
                           load_index)
@@ -101,9 +103,14 @@ if len(train_loader) == 0:
 # -- model ---------------------------------------------------------------------------------------------
 try:
     model = build_model(cfg.model.name, num_classes, cfg.model.weights)
-    if cfg.train.init_from:
+    if cfg.train.init_from and is_artefact(cfg.train.init_from):  # pruned: its widths are not the registry's
+        if cfg.train.init_from.endswith(INT8_SUFFIX):
+            sys.exit(f"train.init_from={cfg.train.init_from} is an int8 artefact, which cannot be trained; "
+                     f"fine-tune the float or pruned checkpoint it was made from, then quantize again")
+        model = model_from_checkpoint(load_checkpoint(cfg.train.init_from))
+    elif cfg.train.init_from:
         load_pretrained(model, cfg.train.init_from)
-except ModelError as e:
+except (ModelError, CheckpointError) as e:
     sys.exit(f"model error: {e}")
 if has_batchnorm_pooling(model) and cfg.train.batch_size < 2:
     sys.exit(f"{cfg.model.name} has a BatchNorm after global pooling (ASPP) that cannot train on one image per "

@@ -13,9 +13,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from segpipe.checkpoint import load_checkpoint, save_checkpoint
 from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
 from segpipe.compress.int8 import load_int8, read_int8_metadata
 from segpipe.compress.structured import shrink_to_channels
+from segpipe.models import build_model
 
 # Entries of a training checkpoint that an inference artefact does not carry.
 TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler")
@@ -24,33 +26,16 @@ METHODS = ("structured", "unstructured", "bf16", "int8")
 
 def build_float_model(name: str, num_classes: int) -> nn.Module:
     """A randomly initialised model of the registry (no downloads)."""
-    try:
-        from segpipe.models import build_model
-    except ImportError:  # FIXME: drop once segpipe.models is committed everywhere
-        from torchvision.models.segmentation import deeplabv3_resnet50
-        if name != "deeplabv3_resnet50":
-            raise ValueError(f"model {name!r} needs segpipe.models, which is not importable here") from None
-        return deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=True)
     return build_model(name, num_classes, weights="none")
 
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load a segpipe checkpoint safely (weights_only=True)."""
-    try:
-        from segpipe.checkpoint import load_checkpoint
-    except ImportError:  # FIXME: drop once segpipe.checkpoint is committed everywhere
-        return torch.load(path, map_location="cpu", weights_only=True)
     return load_checkpoint(path)
 
 
 def write_checkpoint(obj: dict, path: str | Path) -> None:
     """Save a checkpoint dict atomically."""
-    try:
-        from segpipe.checkpoint import save_checkpoint
-    except ImportError:  # FIXME: drop once segpipe.checkpoint is committed everywhere
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, path)
-        return
     save_checkpoint(obj, path)
 
 
