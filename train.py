@@ -112,6 +112,10 @@ try:
         load_pretrained(model, cfg.train.init_from)
 except (ModelError, CheckpointError) as e:
     sys.exit(f"model error: {e}")
+if cfg.model.bn_momentum is not None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = cfg.model.bn_momentum
 if has_batchnorm_pooling(model) and cfg.train.batch_size < 2:
     sys.exit(f"{cfg.model.name} has a BatchNorm after global pooling (ASPP) that cannot train on one image per "
              f"process: set train.batch_size=2 or more")

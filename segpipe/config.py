@@ -50,6 +50,9 @@ class ModelConfig:
     aux_weight: float = 0.5  # weight of the auxiliary head's loss, where the model has one
     sync_bn: bool = True  # only applies on CUDA with world size > 1
     channels_last: bool = True
+    # BatchNorm momentum override; null keeps the architecture's (MobileNetV3: 0.01, whose running
+    # statistics lag far behind in short runs, so eval-mode predictions collapse; 0.1 suits those).
+    bn_momentum: Optional[float] = None
 
 
 @dataclass
