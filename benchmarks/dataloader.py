@@ -126,11 +126,15 @@ def main() -> None:
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{cfg.root}, crop {cfg.crop_size}, scale {cfg.scale_range}, blur p={cfg.blur_prob}, 1 thread per process")
-    rates = {}
-    for name, ds in [("decode only (floor)", floor), ("naive stock v2 (full image)", naive),
-                     ("segpipe train pipeline", ours)]:
+    pipelines = {"decode only (floor)": floor, "naive stock v2 (full image)": naive, "segpipe train pipeline": ours}
+    for ds in pipelines.values():
         per_sample_rate(ds, 5, 1)  # warm-up
-        rates[name] = per_sample_rate(ds, args.samples, args.repeats)
+    # Round-robin, so load from other processes hits all three pipelines alike.
+    samples = {name: [] for name in pipelines}
+    for _ in range(args.repeats):
+        for name, ds in pipelines.items():
+            samples[name].append(per_sample_rate(ds, args.samples, 1))
+    rates = {name: statistics.median(r) for name, r in samples.items()}
     print("\n| pipeline, one process | samples/s | ms/sample | vs floor |")
     print("|---|---:|---:|---:|")
     for name, rate in rates.items():

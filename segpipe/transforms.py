@@ -103,19 +103,34 @@ def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.
     return out[0] if image.dim() == 3 else out.reshape(shape)
 
 
+class ToNormalizedFloat(v2.Transform):
+    """uint8 image -> float32 (x / 255 - mean) / std in one fused pass; masks pass through unchanged."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        out = torch.addcmul(self.shift, inpt.as_subclass(torch.Tensor).to(torch.float32), self.scale)
+        return tv_tensors.wrap(out, like=inpt)
+
+
 def train_transform(cfg) -> v2.Compose:
     """Scale+crop and flip on uint8, then float, blur, optional colour jitter, normalise. cfg is a DataConfig."""
     steps = [
         RandomScaleCrop(cfg.crop_size, cfg.scale_range, cfg.ignore_index, base_size=cfg.train_size),
         v2.RandomHorizontalFlip(cfg.hflip_prob),
-        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
     ]
-    if cfg.blur_prob > 0:
-        steps.append(FastGaussianBlur(cfg.blur_kernel, cfg.blur_sigma, cfg.blur_prob))
-    if cfg.color_jitter > 0:
+    blur = [FastGaussianBlur(cfg.blur_kernel, cfg.blur_sigma, cfg.blur_prob)] if cfg.blur_prob > 0 else []
+    if cfg.color_jitter > 0:  # jitter needs [0, 1] colours, so normalising comes last
         j = cfg.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    steps.append(v2.Normalize(cfg.mean, cfg.std))
+        steps += [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), *blur,
+                  v2.ColorJitter(brightness=j, contrast=j, saturation=j), v2.Normalize(cfg.mean, cfg.std)]
+    else:  # a normalised Gaussian blur commutes with the per-channel affine normalisation: fuse and blur after
+        steps += [ToNormalizedFloat(cfg.mean, cfg.std), *blur]
     return v2.Compose(steps)
 
 

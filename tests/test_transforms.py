@@ -74,3 +74,20 @@ def test_blur_matches_torchvision():
     x = torch.rand(3, 30, 40)
     expected = F.gaussian_blur(x, [5, 5], [1.3, 1.3])
     assert torch.allclose(gaussian_blur(x, 5, 1.3), expected, atol=1e-5)
+
+
+def test_fused_normalisation_matches_todtype_then_normalize():
+    from torchvision.transforms import v2
+    from segpipe.transforms import ToNormalizedFloat
+    image, mask = encoded_pair(2)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    fused, same_mask = ToNormalizedFloat(mean, std)(image, mask)
+    reference = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(image))
+    assert torch.allclose(fused, reference, atol=1e-5) and torch.equal(same_mask, mask)
+    assert isinstance(fused, tv_tensors.Image)
+
+
+def test_blur_commutes_with_normalisation():
+    x = torch.rand(3, 20, 30)
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1), torch.tensor([0.2, 0.3, 0.25]).view(3, 1, 1)
+    assert torch.allclose(gaussian_blur((x - mean) / std, 5, 1.4), (gaussian_blur(x, 5, 1.4) - mean) / std, atol=1e-5)
