@@ -25,7 +25,7 @@ from segpipe.checkpoint import CheckpointError
 from segpipe.data import DataError, MaskDecoder, SegmentationDataset, load_index
 from segpipe.engine import progress
 from segpipe.metrics import ConfusionMatrix
-from segpipe.predict import Predictor, latest_checkpoint, resolve_device
+from segpipe.predict import Predictor, checkpoint_or_latest, resolve_device
 
 TTA_SCALES = (0.75, 1.0, 1.25)  # --tta: these input scales, each also mirrored (as in infer.py)
 
@@ -120,12 +120,11 @@ rt = dist_utils.setup(args.device, amp="none")  # fp32: the masks infer.py write
 log = print if rt.is_main else (lambda *a, **k: None)
 
 # -- checkpoint and predictor ------------------------------------------------------------------------------
-checkpoint = args.checkpoint
-if checkpoint is None:
-    checkpoint = latest_checkpoint("runs")
-    if checkpoint is None:
-        sys.exit("no --checkpoint given and no runs/*/best.pt in this folder. Train a model first "
-                 "(`python train.py --config configs/camvid.yaml`) or pass --checkpoint path/to/best.pt")
+try:
+    checkpoint, picked = checkpoint_or_latest(args.checkpoint)
+except CheckpointError as e:
+    sys.exit(f"error: {e}")
+if picked:
     log(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
 scales = args.scales or (TTA_SCALES if args.tta else (1.0,))
 try:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from segpipe.checkpoint import CheckpointError
 from segpipe.data import IMAGE_EXTS, MASK_SUFFIX, DataError, read_image
-from segpipe.predict import Predictor, class_shares, latest_checkpoint
+from segpipe.predict import Predictor, class_shares, checkpoint_or_latest
 
 TTA_SCALES = (0.75, 1.0, 1.25)  # --tta: these input scales, each also mirrored
 
@@ -57,12 +57,11 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 
 # -- checkpoint ------------------------------------------------------------------------------------------
-checkpoint = args.checkpoint
-if checkpoint is None:
-    checkpoint = latest_checkpoint("runs")
-    if checkpoint is None:
-        sys.exit("no --checkpoint given and no runs/*/best.pt in this folder. Train a model first "
-                 "(`python train.py --config configs/camvid.yaml`) or pass --checkpoint path/to/best.pt")
+try:
+    checkpoint, picked = checkpoint_or_latest(args.checkpoint)
+except CheckpointError as e:
+    sys.exit(f"error: {e}")
+if picked:
     print(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
 scales = args.scales or (TTA_SCALES if args.tta else (1.0,))
 try:

@@ -41,6 +41,17 @@ def latest_checkpoint(runs_dir: str | Path = "runs") -> Optional[Path]:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def checkpoint_or_latest(path: str | Path | None, runs_dir: str | Path = "runs") -> tuple[Path, bool]:
+    """The given checkpoint, else the newest runs/*/best.pt; (path, whether it was picked for the user)."""
+    if path is not None:
+        return Path(path), False
+    latest = latest_checkpoint(runs_dir)
+    if latest is None:
+        raise CheckpointError("no --checkpoint given and no runs/*/best.pt in this folder. Train a model first "
+                              "(`python train.py --config configs/camvid.yaml`) or pass --checkpoint path/to/best.pt")
+    return latest, True
+
+
 def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
     """The model (in eval mode, on device) and metadata of a segpipe checkpoint or a compressed artefact.
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from segpipe.metrics import ConfusionMatrix
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_SUFFIX = "_mask.png"
@@ -70,19 +72,7 @@ def pixel_agreement(preds: list[torch.Tensor], reference: list[torch.Tensor]) ->
 
 def mean_iou(preds: list[torch.Tensor], masks: list[torch.Tensor], num_classes: int, ignore_index: int) -> float:
     """mIoU over classes present in truth or prediction (segpipe.metrics' definition)."""
-    try:
-        from segpipe.metrics import ConfusionMatrix
-    except ImportError:  # FIXME: drop once segpipe.metrics is committed everywhere
-        ConfusionMatrix = None
-    if ConfusionMatrix is not None:
-        cm = ConfusionMatrix(num_classes, ignore_index)
-        for p, m in zip(preds, masks):
-            cm.update(target=m, pred=p)
-        return cm.compute()["miou"]
-    counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    cm = ConfusionMatrix(num_classes, ignore_index)
     for p, m in zip(preds, masks):
-        keep = m != ignore_index
-        counts += torch.bincount(m[keep] * num_classes + p[keep].long(), minlength=num_classes ** 2).view(
-            num_classes, num_classes)
-    tp, union = counts.diag(), counts.sum(0) + counts.sum(1) - counts.diag()
-    return float((tp[union > 0] / union[union > 0]).mean())
+        cm.update(target=m, pred=p)
+    return cm.compute()["miou"]
