@@ -179,7 +179,8 @@ config and any number of `section.key=value` overrides. Here it trains LR-ASPP M
 light model for CPUs, from random weights for **3 epochs in 128x160 crops, batches of 4**: about 270
 steps, a minute or two. That is enough to watch the pipeline run end to end (the loss going down, a
 validation pass, checkpoints in `runs/demo/`) and for the model to find one or two of the large classes
-(road, buildings), far too little to learn street scenes: expect an mIoU of 5-15%. The numbers a real run
+(road, buildings), far too little to learn street scenes: expect an mIoU of 5-15% on CamVid. (The
+synthetic scenes, 150 steps here, are much easier: 60% and more.) The numbers a real run
 reaches, and the configs and commands that produce them, are in the README, section "Evaluation results"
 (the CPU reference run is `configs/lraspp_mobilenet_v3_camvid_cpu.yaml`).
 
@@ -235,8 +236,8 @@ show(visualize.panels(
 * **int8** (`--dtype int8`, the default) calibrates on training images and exports an int8 program that
   runs on oneDNN's int8 kernels (x86 CPUs with VNNI or AMX). It is the fastest on such CPUs, but it is
   slow to make: `torch.compile` generates C++ code at the first call. On the 2-core machine this notebook
-  was made on, quantizing took about 20 s and the first forward pass (the compilation) 75 s, for a model
-  about 1.3x faster than fp32 on one thread: more time than the training above. So it is off by default:
+  was made on, quantizing took 20-40 s and the first forward pass (the compilation) 75-135 s, for a
+  model 1.2-1.3x faster than fp32 on one thread: more time than the training above. So it is off by default:
   set the environment variable `SEGPIPE_DEMO_INT8=1` (or `TRY_INT8 = True` below) to add it to the table.
 * **bf16** (`--dtype bf16`) keeps the fp32 weights and runs the model under bfloat16 autocast: instant
   to make, and faster for large models on CPUs with bf16 units (AVX512-BF16, AMX); for a small
