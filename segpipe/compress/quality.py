@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from segpipe.data import DataError, load_index
 from segpipe.metrics import ConfusionMatrix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,16 +21,14 @@ MASK_SUFFIX = "_mask.png"
 
 
 def image_paths(root: str | Path, split: str, limit: int | None = None) -> list[Path]:
-    """The first `limit` images of ROOT/SPLIT in name order (masks are not images)."""
-    folder = Path(root) / split
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist; pass --data-root pointing at a folder with "
-                                f"{split}/NAME.jpg + NAME_mask.png (e.g. ../shared/data/camvid)")
-    paths = sorted(p for p in folder.iterdir()
-                   if p.suffix.lower() in (".jpg", ".jpeg", ".png") and not p.name.endswith(MASK_SUFFIX))
-    if not paths:
-        raise FileNotFoundError(f"{folder} holds no .jpg/.png images; check --data-root")
-    return paths[:limit] if limit else paths
+    """The first `limit` images of ROOT/SPLIT that have a mask, in name order (through the cached file index)."""
+    try:
+        index = load_index(str(root), split)
+    except DataError as e:
+        raise FileNotFoundError(f"{e}; pass --data-root pointing at a folder with {split}/NAME.jpg + "
+                                f"NAME_mask.png (e.g. ../shared/data/camvid)") from None
+    count = min(len(index), limit) if limit else len(index)
+    return [Path(index.paths(i)[0]) for i in range(count)]
 
 
 def load_image(path: Path, mean=IMAGENET_MEAN, std=IMAGENET_STD,
