@@ -1,0 +1,129 @@
+"""Same-budget model comparison on CamVid: train each model for the same CPU time, then score it.
+
+    nice python benchmarks/same_budget.py --budget-min 12
+
+For every run (model:loss) the budget becomes a number of epochs: the seconds of one training step
+(batch, crop and precision of the config, measured here after a warm-up step) times the steps in an
+epoch. Each model then trains its full schedule (warm-up and poly decay end together) with
+`train.py`, validates once at the end, and `evaluate.py` scores best.pt on the full-resolution valid
+masks. Fixing the epochs up front keeps a run's result independent of other load on the machine;
+the table reports the wall time each run really took. A run whose metrics.json exists is not redone
+(delete OUT/NAME to redo it); an interrupted run resumes from its last.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from segpipe.config import load_config  # noqa: E402
+from segpipe.data import load_index  # noqa: E402
+from segpipe.distributed import resolve_amp  # noqa: E402
+from segpipe.losses import SegmentationLoss  # noqa: E402
+from segpipe.models import build_model  # noqa: E402
+
+SMALL_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist")
+DEFAULT_RUNS = ("unet:ce", "deeplabv3_resnet50:ce", "resnet50_convhead:ce", "resnet50_convhead:ce+dice")
+
+
+def seconds_per_step(model_name: str, loss: str, cfg, repeats: int = 2) -> float:
+    """Median seconds of one training step (forward, loss, backward, AdamW) at the config's batch and crop."""
+    torch.manual_seed(0)
+    amp_dtype, _ = resolve_amp(cfg.train.amp, torch.device("cpu"))
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = build_model(model_name, len(cfg.data.classes)).train().to(memory_format=fmt)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    criterion = SegmentationLoss(loss, cfg.data.ignore_index)
+    images = torch.randn(cfg.train.batch_size, 3, *cfg.data.crop_size).contiguous(memory_format=fmt)
+    target = torch.randint(0, len(cfg.data.classes), (cfg.train.batch_size, *cfg.data.crop_size))
+    times = []
+    for _ in range(repeats + 1):  # the first is warm-up
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss_value = criterion(model(images), target)
+        loss_value.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    """Run cmd with its output appended to log_path; return its wall seconds, stop on failure."""
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.time()
+    with open(log_path, "a") as log:
+        result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        sys.exit(f"failed ({result.returncode}): see {log_path}")
+    return time.time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/compare_camvid_cpu.yaml")
+    parser.add_argument("--budget-min", type=float, default=12, help="training minutes per run")
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="MODEL:LOSS pairs")
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(ROOT / args.config, args.overrides)
+    steps_per_epoch = len(load_index(cfg.data.root, "train", cfg.data.cache_dir)) // cfg.train.batch_size
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in args.runs:
+        model_name, loss = spec.split(":")
+        name = f"{model_name}-{loss.replace('+', '_')}"
+        run_dir = out / name
+        metrics_path = run_dir / "eval_valid" / "metrics.json"
+        record_path = run_dir / "budget.json"
+        if not metrics_path.is_file():
+            if record_path.is_file():  # interrupted: keep the epochs it started with
+                record = json.loads(record_path.read_text())
+            else:
+                step_s = seconds_per_step(model_name, loss, cfg)
+                epochs = max(1, int(args.budget_min * 60 / (step_s * steps_per_epoch)))
+                record = {"step_s": step_s, "epochs": epochs, "budget_min": args.budget_min}
+                run_dir.mkdir(parents=True, exist_ok=True)
+                record_path.write_text(json.dumps(record))
+            print(f"{name}: {record['step_s']:.2f} s/step x {steps_per_epoch} steps/epoch -> "
+                  f"{record['epochs']} epochs in {record['budget_min']:g} min", flush=True)
+            epochs = record["epochs"]
+            record["train_s"] = run([sys.executable, "train.py", "--config", args.config, *args.overrides,
+                                     f"model.name={model_name}", f"train.loss={loss}", f"train.epochs={epochs}",
+                                     f"train.val_every={epochs}", "train.resume=auto", f"output_dir={args.out}/{name}"],
+                                    run_dir / "log.txt")
+            record_path.write_text(json.dumps(record))
+            run([sys.executable, "evaluate.py", "--checkpoint", f"{args.out}/{name}/best.pt", "--workers", "1",
+                 "--failures", "0"], run_dir / "log.txt")
+        record = json.loads(record_path.read_text())
+        metrics = json.loads(metrics_path.read_text())
+        rows.append((model_name, loss, record, metrics))
+
+    lines = ["| model | loss | s/step | epochs | train wall (min) | val mIoU | "
+             + " | ".join(SMALL_CLASSES) + " | eval images/s |",
+             "|---|---|---|---|---|---|" + "---|" * len(SMALL_CLASSES) + "---|"]
+    for model_name, loss, record, metrics in rows:
+        small = " | ".join(f"{100 * metrics['per_class_iou'][c]:.1f}" for c in SMALL_CLASSES)
+        train_min = f"{record['train_s'] / 60:.1f}" if "train_s" in record else "?"
+        lines.append(f"| {model_name} | {loss} | {record['step_s']:.2f} | {record['epochs']} | {train_min} | "
+                     f"{100 * metrics['miou']:.1f} | {small} | {metrics['images_per_s']:.2f} |")
+    table = "\n".join(lines)
+    print(f"\n{os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads, budget {args.budget_min:g} min/run, "
+          f"IoU in % on CamVid valid (full-resolution masks)\n{table}")
+    (out / "table.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
