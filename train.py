@@ -5,13 +5,11 @@ train.batch_size is per process; the learning rate scales linearly with the glob
 (batch_size * world_size * accum_steps) relative to train.lr_reference_batch.
 """
 import argparse
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -27,7 +25,7 @@ from segpipe.data import (DataError, MaskDecoder, SegmentationDataset, class_pix
                           load_index)
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
-from segpipe.models import ModelError, build_model, has_batchnorm_pooling, load_pretrained
+from segpipe.models import ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options
 from segpipe.transforms import collate_eval, eval_transform, train_transform
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +100,7 @@ if len(train_loader) == 0:
 
 # -- model ---------------------------------------------------------------------------------------------
 try:
-    model = build_model(cfg.model.name, num_classes, cfg.model.weights)
+    model = build_model(cfg.model.name, num_classes, cfg.model.weights, model_options(cfg.model))
     if cfg.train.init_from and is_artefact(cfg.train.init_from):  # pruned: its widths are not the registry's
         if cfg.train.init_from.endswith(INT8_SUFFIX):
             sys.exit(f"train.init_from={cfg.train.init_from} is an int8 artefact, which cannot be trained; "
@@ -183,6 +181,7 @@ if resume:
 def checkpoint(miou: float) -> dict:
     """Everything needed to resume training, or to predict without the config file."""
     return {"format": FORMAT, "version": 1, "model_name": cfg.model.name, "num_classes": num_classes,
+            "model_options": model_options(cfg.model),
             "model": model.state_dict(), "classes": list(cfg.data.classes), "palette": palette,
             "ignore_index": cfg.data.ignore_index, "mean": cfg.data.mean, "std": cfg.data.std,
             "eval_size": cfg.data.eval_size, "config": to_dict(cfg), "epoch": state.epoch, "step": state.step,

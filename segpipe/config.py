@@ -53,6 +53,11 @@ class ModelConfig:
     # BatchNorm momentum override; null keeps the architecture's (MobileNetV3: 0.01, whose running
     # statistics lag far behind in short runs, so eval-mode predictions collapse; 0.1 suits those).
     bn_momentum: Optional[float] = None
+    # Architecture options (null keeps the model's default; setting one a model does not read is an error):
+    encoder: Optional[str] = None  # unet: resnet18 | resnet34 | resnet50 (default)
+    output_stride: Optional[int] = None  # resnet50_convhead: 8 (default) or 16
+    head_depth: Optional[int] = None  # resnet50_convhead: conv3x3-BN-ReLU layers in the head (default 3)
+    head_width: Optional[int] = None  # resnet50_convhead: their channels (default 256)
 
 
 @dataclass

@@ -1,76 +1,11 @@
-"""The reference paper's custom model: dilated ResNet-50, a few conv3x3-BN-ReLU, bilinear upsampling.
-
-Also holds `build_resnet`, the one place that turns model.weights (none | imagenet | a local
-.pth file) into a torchvision ResNet, with the offline-download error message; unet.py reuses
-it. FIXME: move it to segpipe/backbones.py (or models.py) once the registry settles.
-"""
+"""The reference paper's custom model: dilated ResNet-50, a few conv3x3-BN-ReLU, bilinear upsampling."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import (
-    ResNet,
-    ResNet18_Weights,
-    ResNet34_Weights,
-    ResNet50_Weights,
-    resnet18,
-    resnet34,
-    resnet50,
-)
 from torchvision.models._utils import IntermediateLayerGetter
 
-# IMAGENET1K_V2 for ResNet-50 is torchvision's better recipe (80.9 vs 76.1 top-1);
-# ResNet-18/34 only ship V1.
-RESNETS = {
-    "resnet18": (resnet18, ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (resnet34, ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (resnet50, ResNet50_Weights.IMAGENET1K_V2),
-}
-
-
-def weights_download_error(arch: str, cause: BaseException) -> RuntimeError:
-    """Explain that the ImageNet weights of `arch` could not be fetched, and what to do instead."""
-    enum = RESNETS[arch][1]
-    file_name = Path(enum.url).name
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    return RuntimeError(
-        f"could not download the ImageNet weights {enum} for {arch} from {enum.url} "
-        f"({type(cause).__name__}: {cause}); this machine may be offline. Either train from "
-        f"random init with model.weights=none, or fetch {file_name} on a machine with internet "
-        f"and pass its path, model.weights=/path/to/{file_name} (copying it into {cache} also works)."
-    )
-
-
-def build_resnet(arch: str, weights: str = "none", **resnet_kwargs) -> ResNet:
-    """Build a torchvision ResNet with weights "none", "imagenet" or a path to torchvision's ImageNet .pth file."""
-    if arch not in RESNETS:
-        raise ValueError(f"unknown ResNet '{arch}'; choose one of {sorted(RESNETS)}")
-    constructor, enum = RESNETS[arch]
-    if weights == "none":
-        return constructor(weights=None, **resnet_kwargs)
-    if weights == "imagenet":
-        try:
-            return constructor(weights=enum, **resnet_kwargs)
-        except OSError as error:  # URLError, socket timeouts, DNS failures are all OSErrors
-            raise weights_download_error(arch, error) from error
-    path = Path(weights)
-    if not path.is_file():
-        raise ValueError(
-            f"model.weights='{weights}' is neither 'none', 'imagenet' nor an existing file; "
-            f"use one of those or the path to torchvision's {Path(enum.url).name}"
-        )
-    model = constructor(weights=None, **resnet_kwargs)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(
-            f"{path} is not a torchvision {arch} ImageNet state dict (expected {Path(enum.url).name}): {error}"
-        ) from error
-    return model
+from segpipe.backbones import build_resnet
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:

@@ -7,17 +7,20 @@ from urllib.error import URLError
 import torch
 import torch.nn.functional as nnf
 from torch import nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, segmentation as seg
+from torchvision.models import MobileNet_V3_Large_Weights, segmentation as seg
+
+from segpipe.backbones import RESNETS, WeightsUnavailable
 
 
 class ModelError(ValueError):
     """A model name or weights option the user must fix."""
 
 
+RESNET50_IMAGENET = RESNETS["resnet50"][1]  # one ImageNet recipe (V2) for every ResNet-50 model here
 # name -> (torchvision builder, COCO weights, ImageNet backbone weights, has an auxiliary head)
 _TORCHVISION = {
     "deeplabv3_resnet50": (seg.deeplabv3_resnet50, seg.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
-                           ResNet50_Weights.IMAGENET1K_V1, True),
+                           RESNET50_IMAGENET, True),
     "deeplabv3_mobilenet_v3_large": (seg.deeplabv3_mobilenet_v3_large,
                                      seg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
                                      MobileNet_V3_Large_Weights.IMAGENET1K_V1, True),
@@ -25,38 +28,53 @@ _TORCHVISION = {
                                   seg.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
                                   MobileNet_V3_Large_Weights.IMAGENET1K_V1, False),
     "fcn_resnet50": (seg.fcn_resnet50, seg.FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
-                     ResNet50_Weights.IMAGENET1K_V1, True),
+                     RESNET50_IMAGENET, True),
 }
 
 
-def _unet(num_classes: int, weights: str) -> nn.Module:
+def _unet(num_classes: int, weights: str, encoder: str = "resnet50") -> nn.Module:
     from segpipe.unet import build_unet
-    return build_unet(num_classes, weights)
+    return build_unet(num_classes, weights, encoder)
 
 
-def _resnet50_convhead(num_classes: int, weights: str) -> nn.Module:
+def _resnet50_convhead(num_classes: int, weights: str, output_stride: int = 8, head_depth: int = 3,
+                       head_width: int = 256) -> nn.Module:
     from segpipe.convhead import build_resnet50_convhead
-    return build_resnet50_convhead(num_classes, weights)
+    return build_resnet50_convhead(num_classes, weights, output_stride, head_depth, head_width)
 
 
 # The reference paper's baselines, built by their own modules.
-_OTHERS: dict[str, Callable[[int, str], nn.Module]] = {"unet": _unet, "resnet50_convhead": _resnet50_convhead}
+_OTHERS: dict[str, Callable[..., nn.Module]] = {"unet": _unet, "resnet50_convhead": _resnet50_convhead}
 MODEL_NAMES = sorted(_TORCHVISION) + sorted(_OTHERS)
+# Architecture options (model.KEY in the config) and the models that read them; null keeps the default.
+OPTIONS = {"encoder": ("unet",), "output_stride": ("resnet50_convhead",), "head_depth": ("resnet50_convhead",),
+           "head_width": ("resnet50_convhead",)}
 
 
-def build_model(name: str, num_classes: int, weights: str = "none") -> nn.Module:
+def build_model(name: str, num_classes: int, weights: str = "none", options: dict | None = None) -> nn.Module:
     """A segmentation model whose forward returns {"out": logits, ["aux": logits]} at input resolution.
 
     weights: "none" (random init), "imagenet" (backbone only), "coco" (torchvision's COCO_WITH_VOC_LABELS_V1,
     classifier heads replaced for num_classes), or a path to a .pth state dict or segpipe checkpoint.
+    options: architecture options of OPTIONS (e.g. {"output_stride": 16}); None values keep the defaults.
     """
     if name not in _TORCHVISION and name not in _OTHERS:
         raise ModelError(f"model.name={name!r} is not known; choose one of {', '.join(MODEL_NAMES)}")
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    for key in options:
+        if key not in OPTIONS:
+            raise ModelError(f"model.{key} is not an architecture option; known: {', '.join(OPTIONS)}")
+        if name not in OPTIONS[key]:
+            raise ModelError(f"model.{key} applies to {', '.join(OPTIONS[key])}, not to {name}; "
+                             f"remove it (or set it to null)")
     is_path = weights not in ("none", "imagenet", "coco")
     if name in _OTHERS:
         if weights == "coco":
             raise ModelError(f"model.weights=coco is not available for {name}; use none, imagenet or a .pth path")
-        model = _OTHERS[name](num_classes, "none" if is_path else weights)
+        try:
+            model = _OTHERS[name](num_classes, "none" if is_path else weights, **options)
+        except (ValueError, WeightsUnavailable) as e:  # a bad option value, or offline
+            raise ModelError(f"{name}: {e}") from None
     else:
         builder, coco, imagenet, aux = _TORCHVISION[name]
         kwargs = {"aux_loss": aux} if aux else {}
@@ -70,6 +88,12 @@ def build_model(name: str, num_classes: int, weights: str = "none") -> nn.Module
     if is_path:
         load_pretrained(model, weights)
     return model
+
+
+def model_options(model_config: object) -> dict:
+    """The architecture options set in a ModelConfig (or its dict), for build_model and the checkpoint."""
+    get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
+    return {k: get(k) for k in OPTIONS if get(k) is not None}
 
 
 def _download(build: Callable[[], nn.Module], name: str, weights: str) -> nn.Module:

@@ -16,7 +16,7 @@ from segpipe.models import ModelError, build_model, resize_logits
 from segpipe.transforms import EvalTransform
 
 # What a Predictor needs besides the weights; train.py's checkpoint() and compress artefacts both carry it.
-META_KEYS = ("model_name", "num_classes", "classes", "palette", "ignore_index", "mean", "std", "eval_size")
+META_KEYS = ("model_name", "model_options", "num_classes", "classes", "palette", "ignore_index", "mean", "std", "eval_size")
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]  # PIL image, uint8 (H, W, 3) array or (3, H, W) tensor
 
 
@@ -72,7 +72,7 @@ def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]
     if not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} holds no model weights (no 'model' state dict); re-train or re-save it")
     try:
-        model = build_model(meta["model_name"], meta["num_classes"])
+        model = build_model(meta["model_name"], meta["num_classes"], options=meta["model_options"])
     except ModelError as e:
         raise CheckpointError(f"{path}: {e}. The checkpoint comes from another segpipe version or was edited") from None
     try:
@@ -94,7 +94,7 @@ def _is_artefact(path: str | Path) -> bool:
 
 
 def _check_meta(meta: dict, path: str | Path) -> dict:
-    missing = [k for k in META_KEYS if k not in meta and k != "palette"]
+    missing = [k for k in META_KEYS if k not in meta and k not in ("palette", "model_options")]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was not written by segpipe's train.py "
                               f"(raw weights go to training as model.weights={path})")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from segpipe.convhead import build_resnet, conv_bn_relu
+from segpipe.backbones import build_resnet
+from segpipe.convhead import conv_bn_relu
 
 # The encoder's total stride: inputs are padded to a multiple of it so every skip lines up.
 STRIDE = 32

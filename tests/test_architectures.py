@@ -6,7 +6,12 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
+from segpipe.checkpoint import FORMAT, save_checkpoint
+from segpipe.compress.int8 import untie_relus
+from segpipe.config import ConfigError, load_config
 from segpipe.convhead import build_resnet50_convhead
+from segpipe.models import ModelError, build_model, model_options
+from segpipe.predict import Predictor
 from segpipe.unet import build_unet
 
 IGNORE = 255
@@ -167,3 +172,50 @@ def test_unet_exports_with_dynamic_height_and_width():
     for size in [(64, 96), (71, 130)]:  # no padding needed, and padding on both axes
         x = torch.randn(1, 3, *size)
         torch.testing.assert_close(program.module()(x)["out"], forward(model, x))
+
+
+# Non-default architecture options, as a config sets them (model.KEY).
+OPTIONS = {"unet": {"encoder": "resnet18"},
+           "resnet50_convhead": {"output_stride": 16, "head_depth": 1, "head_width": 16}}
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_config_options_round_trip_through_checkpoint_and_predictor(name, tmp_path):
+    cfg = load_config(None, [f"model.name={name}"] + [f"model.{k}={v}" for k, v in OPTIONS[name].items()])
+    options = model_options(cfg.model)
+    assert options == OPTIONS[name]
+    torch.manual_seed(0)
+    model = build_model(name, 3, options=options).eval()
+    if name == "unet":
+        assert type(model.backbone.layer1[0]).__name__ == "BasicBlock"
+    else:
+        assert len(model.head) == 1 and model.classifier.in_channels == 16
+    path = tmp_path / "best.pt"
+    save_checkpoint({"format": FORMAT, "version": 1, "model_name": name, "model_options": options,
+                     "num_classes": 3, "model": model.state_dict(), "classes": ["a", "b", "c"], "palette": None,
+                     "ignore_index": 255, "mean": [0.5] * 3, "std": [0.25] * 3, "eval_size": None}, path)
+    image = torch.randint(0, 256, (3, 37, 45), dtype=torch.uint8)
+    x = ((image.float() / 255 - 0.5) / 0.25)[None]
+    expected = forward(model, x).argmax(1)[0]
+    assert torch.equal(Predictor.from_file(path, "cpu").predict(image).long(), expected)
+
+
+def test_options_for_another_model_or_out_of_range_are_refused():
+    with pytest.raises(ModelError, match="model.output_stride applies to resnet50_convhead, not to unet"):
+        build_model("unet", 3, options={"output_stride": 16})
+    with pytest.raises(ModelError, match="output_stride"):
+        build_model("resnet50_convhead", 3, options={"output_stride": 32})
+    with pytest.raises(ConfigError, match="head_width"):
+        load_config(None, ["model.head_widht=8"])
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet50"])  # BasicBlock and Bottleneck share one ReLU
+def test_untied_relus_leave_unet_outputs_unchanged(encoder):
+    model = build("unet", num_classes=3, encoder=encoder).eval()
+    x = torch.randn(1, 3, 33, 47)
+    expected = forward(model, x)
+    untie_relus(model)
+    blocks = [m for m in model.backbone.modules() if "Untied" in type(m).__name__]
+    assert len(blocks) == (8 if encoder == "resnet18" else 16)
+    assert not any(hasattr(b, "relu") for b in blocks)
+    torch.testing.assert_close(forward(model, x), expected)

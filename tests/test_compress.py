@@ -87,7 +87,7 @@ def workspace(tmp_path_factory):
             Image.fromarray(rng.integers(0, NUM_CLASSES, (SIZE, SIZE), dtype=np.uint8)).save(
                 root / "data" / split / f"img{i}_mask.png")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(artefact, "build_float_model", lambda name, num_classes: tiny_deeplab(seed=123))
+        mp.setattr(artefact, "build_float_model", lambda *args, **kwargs: tiny_deeplab(seed=123))
         yield root, model
 
 

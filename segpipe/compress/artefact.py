@@ -24,9 +24,9 @@ TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler")
 METHODS = ("structured", "unstructured", "bf16", "int8")
 
 
-def build_float_model(name: str, num_classes: int) -> nn.Module:
+def build_float_model(name: str, num_classes: int, options: dict | None = None) -> nn.Module:
     """A randomly initialised model of the registry (no downloads)."""
-    return build_model(name, num_classes, weights="none")
+    return build_model(name, num_classes, weights="none", options=options)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -55,7 +55,7 @@ def model_from_checkpoint(checkpoint: dict, keep_aux: bool = True) -> nn.Module:
     This is what training's init_from should call for a pruned artefact: the pruned widths are not
     the registry's, so the architecture must be shrunk before load_state_dict.
     """
-    model = build_float_model(checkpoint["model_name"], checkpoint["num_classes"])
+    model = build_float_model(checkpoint["model_name"], checkpoint["num_classes"], checkpoint.get("model_options"))
     structured = _find_step(checkpoint.get("compression"), "structured")
     if structured is not None:
         shrink_to_channels(model, structured["channels"])

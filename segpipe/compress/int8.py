@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 from torch.export import Dim
-from torchvision.models.resnet import Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 METADATA_FILE = "segpipe.json"
 SUFFIX = ".pt2"
@@ -45,12 +45,25 @@ class UntiedBottleneck(Bottleneck):
         return self.relu3(self.bn3(self.conv3(out)) + identity)
 
 
+class UntiedBasicBlock(BasicBlock):
+    """torchvision's BasicBlock (ResNet-18/34) with one ReLU module per use, for the same reason."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + identity)
+
+
+UNTIED = {Bottleneck: (UntiedBottleneck, ("relu1", "relu2", "relu3")), BasicBlock: (UntiedBasicBlock, ("relu1", "relu2"))}
+
+
 def untie_relus(model: nn.Module) -> nn.Module:
-    """Give every ResNet Bottleneck its own ReLU per use, in place (weights and outputs unchanged)."""
+    """Give every ResNet block its own ReLU per use, in place (weights and outputs unchanged)."""
     for module in model.modules():
-        if type(module) is Bottleneck:
-            module.__class__ = UntiedBottleneck
-            for name in ("relu1", "relu2", "relu3"):
+        if type(module) in UNTIED:
+            untied_class, names = UNTIED[type(module)]
+            module.__class__ = untied_class
+            for name in names:
                 setattr(module, name, nn.ReLU(inplace=True))
             del module.relu
     return model
