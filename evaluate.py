@@ -144,8 +144,7 @@ if not data_root or not Path(data_root).is_dir():
              f"pass --data-root ROOT with ROOT/{args.split}/NAME.jpg + NAME_mask.png")
 try:
     index = load_index(data_root, args.split, data_cfg.get("cache_dir"), args.skip_unpaired)
-    decoder = MaskDecoder(num_classes, ignore_index, data_cfg.get("mask_format", "index"), data_cfg.get("palette"),
-                          data_cfg.get("palette_ignore"), data_cfg.get("label_map"))
+    decoder = MaskDecoder.for_checkpoint(predictor.meta)
 except DataError as e:
     sys.exit(f"data error: {e}\n(evaluate.py: --skip-unpaired scores only the images with masks; "
              f"infer.py predicts images without masks)")

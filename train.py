@@ -99,13 +99,16 @@ if len(train_loader) == 0:
              f"{cfg.train.batch_size} on each of {rt.world_size} process(es); lower train.batch_size")
 
 # -- model ---------------------------------------------------------------------------------------------
+compression = None
 try:
     model = build_model(cfg.model.name, num_classes, cfg.model.weights, model_options(cfg.model))
     if cfg.train.init_from and is_artefact(cfg.train.init_from):  # pruned: its widths are not the registry's
         if cfg.train.init_from.endswith(INT8_SUFFIX):
             sys.exit(f"train.init_from={cfg.train.init_from} is an int8 artefact, which cannot be trained; "
                      f"fine-tune the float or pruned checkpoint it was made from, then quantize again")
-        model = model_from_checkpoint(load_checkpoint(cfg.train.init_from))
+        source = load_checkpoint(cfg.train.init_from)
+        model = model_from_checkpoint(source)
+        compression = source["compression"]  # kept in this run's checkpoints: their widths are the pruned ones
     elif cfg.train.init_from:
         load_pretrained(model, cfg.train.init_from)
 except (ModelError, CheckpointError) as e:
@@ -180,7 +183,7 @@ if resume:
 
 def checkpoint(miou: float) -> dict:
     """Everything needed to resume training, or to predict without the config file."""
-    return {"format": FORMAT, "version": 1, "model_name": cfg.model.name, "num_classes": num_classes,
+    ckpt = {"format": FORMAT, "version": 1, "model_name": cfg.model.name, "num_classes": num_classes,
             "model_options": model_options(cfg.model),
             "model": model.state_dict(), "classes": list(cfg.data.classes), "palette": palette,
             "ignore_index": cfg.data.ignore_index, "mean": cfg.data.mean, "std": cfg.data.std,
@@ -188,6 +191,9 @@ def checkpoint(miou: float) -> dict:
             "batches_done": state.batches_done, "best_miou": max(best_miou, miou), "miou": miou,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "versions": versions()}
+    if compression:  # a pruned model: its widths are not the registry's, so the record must travel along
+        ckpt["compression"] = compression
+    return ckpt
 
 
 # -- logging ---------------------------------------------------------------------------------------------

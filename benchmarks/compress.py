@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segpipe.compress.artefact import (Bf16Autocast, build_float_model, compressed_checkpoint,  # noqa: E402
                                        model_from_checkpoint, read_checkpoint, write_checkpoint)
 from segpipe.compress.int8 import load_int8, quantize_int8, save_int8  # noqa: E402
-from segpipe.compress.quality import (calibration_images, image_paths, load_image, load_mask,  # noqa: E402
-                                      mean_iou, pixel_agreement, predict_classes)
+from segpipe.compress.quality import (calibration_images, labelled_images, mean_iou,  # noqa: E402
+                                      pixel_agreement, predict_classes)
 from segpipe.compress.structured import prune_channels  # noqa: E402
 from segpipe.compress.unstructured import prune_unstructured  # noqa: E402
 
@@ -79,7 +79,8 @@ def load_float(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
     model = build_float_model(MODEL, CAMVID_CLASSES)
     checkpoint = {"format": "segpipe-checkpoint", "version": 1, "model_name": MODEL,
-                  "num_classes": CAMVID_CLASSES, "ignore_index": CAMVID_VOID, "model": model.state_dict(),
+                  "num_classes": CAMVID_CLASSES, "classes": [f"class_{i}" for i in range(CAMVID_CLASSES)],
+                  "ignore_index": CAMVID_VOID, "model": model.state_dict(),
                   "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "eval_size": None}
     model.aux_classifier = None
     return model.eval(), checkpoint
@@ -107,8 +108,7 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
         save_float("bf16", model, {"method": "bf16"}), baseline=FP32_CL)
 
     t = time.perf_counter()
-    calibration = list(calibration_images(args.data_root, args.calib_images, checkpoint["mean"], checkpoint["std"],
-                                          _size(checkpoint)))
+    calibration = list(calibration_images(checkpoint, args.data_root, args.calib_images))
     program = quantize_int8(model, calibration)
     int8_file = folder / "int8.pt2"
     save_int8(program, int8_file, {"model_name": MODEL, "compression": {"method": "int8"}})
@@ -133,12 +133,6 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
                                                                                "sparsity": reached}),
         f"{params / 1e6:.1f}M ({nonzero / 1e6:.1f}M nz)")
     return variants
-
-
-def _size(checkpoint: dict) -> tuple[int, int] | None:
-    """The checkpoint's evaluation size (h, w), or None for the images' own size."""
-    size = checkpoint.get("eval_size")
-    return tuple(size) if size else None
 
 
 def wait_for_quiet(max_load: float | None, minutes: float) -> None:
@@ -174,27 +168,21 @@ def time_variants(variants: dict[str, dict], runs: int, warmup: int) -> dict[str
     return times
 
 
-def quality(variants: dict[str, dict], checkpoint: dict, args: argparse.Namespace) -> dict[str, tuple]:
-    """(agreement with fp32, mIoU) of each variant on the valid images."""
-    paths = image_paths(args.data_root, "valid", args.images)
-    size = _size(checkpoint)
-    images = [load_image(p, checkpoint["mean"], checkpoint["std"], size) for p in paths]
-    masks = [load_mask(p) for p in paths]
-    if size is not None:
-        masks = [nn.functional.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long()
-                 for m in masks]
-    ignore = checkpoint.get("ignore_index", CAMVID_VOID)
+def quality(variants: dict[str, dict], checkpoint: dict, args: argparse.Namespace) -> tuple[dict[str, tuple], int]:
+    """(agreement with fp32, mIoU) of each variant on the valid images, predicted as evaluate.py predicts
+    (at the checkpoint's eval size, logits upsampled to the full-resolution masks); and the image count."""
+    images, masks = labelled_images(checkpoint, args.data_root, "valid", args.images)
     reference = None
     results = {}
     for name, v in variants.items():
         t = time.perf_counter()
-        preds = predict_classes(v["run"], images)
+        preds = predict_classes(v["run"], checkpoint, images)
         reference = reference if reference is not None else preds  # the first row is fp32 eager
         results[name] = (pixel_agreement(preds, reference),
-                         mean_iou(preds, masks, checkpoint["num_classes"], ignore))
+                         mean_iou(preds, masks, checkpoint["num_classes"], checkpoint["ignore_index"]))
         print(f"  {name}: {len(images)} images in {time.perf_counter() - t:.0f} s, agreement {results[name][0]:.2%}, "
               f"mIoU {results[name][1]:.4f}", flush=True)
-    return results
+    return results, len(images)
 
 
 def print_table(variants: dict[str, dict], times: dict[str, list[float]], scores: dict[str, tuple],
@@ -225,8 +213,7 @@ def main() -> None:
         variants = build_variants(model, checkpoint, args, Path(folder))
         wait_for_quiet(args.wait_load, args.wait_minutes)
         times = time_variants(variants, args.runs, args.warmup)
-        scores = quality(variants, checkpoint, args)
-        n_images = len(image_paths(args.data_root, "valid", args.images))
+        scores, n_images = quality(variants, checkpoint, args)
         print_table(variants, times, scores, n_images)
     print(f"load average {os.getloadavg()[0]:.1f} at the end of the run "
           f"({'random init' if not args.checkpoint else args.checkpoint})")

@@ -163,3 +163,22 @@ def test_camvid_loads():
     image, mask = SegmentationDataset(index, MaskDecoder(11, 11))[0]
     assert image.shape == (3, 360, 480) and image.dtype == torch.uint8
     assert mask.shape == (360, 480) and int(mask.max()) <= 11
+
+
+def test_discover_cli_prints_a_config_that_decodes_the_masks(make_dataset, capsys, tmp_path):
+    from segpipe.config import load_config
+    from segpipe.discover import main as discover
+    rgb_root = make_dataset(n_train=3, rgb_palette=PALETTE, root=tmp_path / "rgb")
+    discover([str(rgb_root), "--mask-format", "rgb"])
+    printed = capsys.readouterr().out
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text(printed)
+    cfg = load_config(config_file)  # what the user pastes is a valid config
+    assert cfg.data.mask_format == "rgb" and len(cfg.data.classes) == len(PALETTE)
+    decoder = MaskDecoder(len(cfg.data.classes), cfg.data.ignore_index, "rgb", cfg.data.palette)
+    _, mask = SegmentationDataset(load_index(str(rgb_root), "train"), decoder)[0]
+    colours = np.asarray(cfg.data.palette, dtype=np.uint8)[mask.numpy()]  # decode, then paint back
+    original = np.asarray(Image.open(rgb_root / "train" / "img000_mask.png").convert("RGB"))
+    assert np.array_equal(colours, original)
+    with pytest.raises(SystemExit, match="does not exist"):
+        discover([str(tmp_path / "missing")])

@@ -244,3 +244,26 @@ def test_unknown_classes_are_discovered_from_the_masks(make_dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "found labels [0, 1, 2]" in result.stdout
     assert load_checkpoint(tmp_path / "disc" / "last.pt")["classes"] == ["class_0", "class_1", "class_2"]
+
+
+def test_structured_pruning_fine_tunes_through_train_py(make_dataset, tmp_path):
+    from segpipe.predict import Predictor
+    root, out = make_dataset(n_train=4, n_valid=2), tmp_path / "run"
+    small = ["model.name=resnet50_convhead", "model.output_stride=16", "model.head_depth=1", "model.head_width=16"]
+    result = train(root, out, "train.epochs=1", *small)
+    assert result.returncode == 0, result.stderr
+    pruned = tmp_path / "pruned.pth"
+    result = subprocess.run([sys.executable, "-m", "segpipe.compress", "prune", "--checkpoint", str(out / "best.pt"),
+                             "--method", "structured", "--sparsity", "0.5", "--finetune-epochs", "1",
+                             "--out", str(pruned)], capture_output=True, text=True, timeout=400, env=run_env(), cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "before fine-tuning" in result.stdout
+    final, source = load_checkpoint(pruned), load_checkpoint(out / "best.pt")
+    record = final["compression"]
+    assert record["method"] == "structured" and record["finetune_epochs"] == 1 and "optimizer" not in final
+    assert 0 <= record["miou_before_finetune"] <= 1 and 0 <= record["miou_after_finetune"] <= 1
+    before = load_checkpoint(tmp_path / "pruned-finetune" / "pruned.pth")["model"]
+    assert any(not torch.equal(before[k], final["model"][k]) for k in before)  # fine-tuning trained it
+    assert sum(v.numel() for v in final["model"].values()) < 0.9 * sum(v.numel() for v in source["model"].values())
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    assert Predictor.from_file(pruned, "cpu").predict(image).shape == (40, 56)  # the pruned widths rebuild

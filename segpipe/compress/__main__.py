@@ -1,6 +1,6 @@
 """Command line: `python -m segpipe.compress prune ...` and `python -m segpipe.compress quantize ...`.
 
-    prune    --checkpoint P --sparsity 0.5 [--method unstructured|structured] --out P2
+    prune    --checkpoint P --sparsity 0.5 [--method unstructured|structured] [--finetune-epochs N] --out P2
     prune    --checkpoint P --sweep [--method ...] [--images N]      mIoU against sparsity 0.1 ... 0.9
     quantize --checkpoint P [--dtype int8|bf16] [--calib-images 64] --out P2.pt2
 """
@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from segpipe.compress.artefact import (artefact_metadata, compressed_checkpoint, model_from_checkpoint, read_checkpoint,
                                        write_checkpoint)
 from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
 from segpipe.compress.int8 import quantize_int8, save_int8
-from segpipe.compress.quality import (IMAGENET_MEAN, IMAGENET_STD, calibration_images, image_paths, load_image,
-                                      load_mask, mean_iou, pixel_agreement, predict_classes)
+from segpipe.compress.quality import (calibration_images, labelled_images, mean_iou, pixel_agreement,
+                                      predict_classes)
 from segpipe.compress.structured import CRITERIA, group_widths, prune_channels, prunable_channel_sparsity
 from segpipe.compress.unstructured import SCOPES, prune_unstructured
 
 DEFAULT_DATA_ROOT = "../shared/data/camvid"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
 SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -39,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prune.add_argument("--scope", choices=SCOPES, default="layer", help="unstructured: per layer or global")
     prune.add_argument("--criterion", choices=CRITERIA, default="l1", help="structured: filter L1 or BN |gamma|")
     prune.add_argument("--round-to", type=int, default=8, help="structured: kept widths are multiples of this")
-    prune.add_argument("--finetune-epochs", type=int, default=0)
+    prune.add_argument("--finetune-epochs", type=int, default=0,
+                       help="structured: then train this many epochs with train.py (the checkpoint's config)")
+    prune.add_argument("--finetune-lr", type=float, default=None,
+                       help="fine-tuning learning rate (default: a tenth of the checkpoint's train.lr)")
+    prune.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="more train.py overrides for fine-tuning, e.g. train.batch_size=4")
     prune.add_argument("--sweep", action="store_true", help="print mIoU against sparsity 0.1 ... 0.9 instead")
     prune.add_argument("--out", help="where to write the pruned checkpoint (.pth)")
     quant = sub.add_parser("quantize", help="int8 static quantization (x86, PT2E) or bf16 autocast")
@@ -67,13 +75,6 @@ def data_root(args: argparse.Namespace, checkpoint: dict) -> str:
     return trained_on if trained_on and Path(trained_on).is_dir() else DEFAULT_DATA_ROOT
 
 
-def normalisation(checkpoint: dict) -> tuple[list, list, tuple[int, int] | None]:
-    """The mean, std and evaluation size (h, w) the checkpoint was trained with."""
-    size = checkpoint.get("eval_size")
-    return (checkpoint.get("mean") or list(IMAGENET_MEAN), checkpoint.get("std") or list(IMAGENET_STD),
-            tuple(size) if size else None)
-
-
 def prune_model(model: nn.Module, args: argparse.Namespace, sparsity: float) -> dict:
     """Prune a float model in place as the arguments say; return its "compression" record."""
     if args.method == "structured":
@@ -88,39 +89,65 @@ def prune_model(model: nn.Module, args: argparse.Namespace, sparsity: float) -> 
 
 def sweep(model: nn.Module, checkpoint: dict, args: argparse.Namespace) -> None:
     """Print mIoU and agreement with the unpruned model for sparsities 0.1 ... 0.9 (the paper's figure)."""
-    mean, std, size = normalisation(checkpoint)
-    paths = image_paths(data_root(args, checkpoint), "valid", args.images)
-    images = [load_image(p, mean, std, size) for p in paths]
-    masks = [load_mask(p) for p in paths]
-    if any(m is None for m in masks):
-        raise SystemExit(f"--sweep needs masks next to every image in {paths[0].parent}")
-    if size is not None:
-        masks = [nn.functional.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long()
-                 for m in masks]
-    num_classes, ignore = checkpoint["num_classes"], checkpoint.get("ignore_index", 255)
-    dense = predict_classes(model, images)
-    print(f"{args.method} pruning sweep on {len(images)} images of {paths[0].parent}")
+    root = data_root(args, checkpoint)
+    images, masks = labelled_images(checkpoint, root, "valid", args.images)
+    num_classes, ignore = checkpoint["num_classes"], checkpoint["ignore_index"]
+    dense = predict_classes(model, checkpoint, images)
+    print(f"{args.method} pruning sweep on {len(images)} valid images of {root}")
     print(f"{'sparsity':>8}  {'reached':>7}  {'mIoU':>6}  {'agreement':>9}")
     print(f"{0.0:>8.1f}  {0.0:>7.3f}  {mean_iou(dense, masks, num_classes, ignore):>6.4f}  {1.0:>9.4f}")
     for s in SWEEP:
         pruned = copy.deepcopy(model)
         record = prune_model(pruned, args, s)
-        preds = predict_classes(pruned.eval(), images)
+        preds = predict_classes(pruned.eval(), checkpoint, images)
         print(f"{s:>8.1f}  {record['sparsity']:>7.3f}  {mean_iou(preds, masks, num_classes, ignore):>6.4f}  "
               f"{pixel_agreement(preds, dense):>9.4f}", flush=True)
 
 
+def valid_miou(model: nn.Module, checkpoint: dict, args: argparse.Namespace) -> float:
+    """mIoU on the valid split (first --images), scored as evaluate.py scores it."""
+    images, masks = labelled_images(checkpoint, data_root(args, checkpoint), "valid", args.images)
+    preds = predict_classes(model.eval(), checkpoint, images)
+    return mean_iou(preds, masks, checkpoint["num_classes"], checkpoint["ignore_index"])
+
+
+def finetune(pruned_checkpoint: dict, args: argparse.Namespace) -> dict:
+    """Train the pruned model with train.py (its config, init_from the pruned weights); return its best.pt.
+
+    The run lives next to --out in OUT_STEM-finetune/ (pruned.pth, config.yaml, last.pt, best.pt, tb/), so
+    an interrupted fine-tuning resumes when the same command runs again.
+    """
+    config = pruned_checkpoint.get("config")
+    if not config:
+        raise SystemExit(f"{args.checkpoint} stores no training config (not written by train.py), so it cannot be "
+                         f"fine-tuned here; prune without --finetune-epochs and train with train.py "
+                         f"train.init_from={args.out}")
+    run_dir = Path(args.out).with_name(Path(args.out).stem + "-finetune")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pruned_path = run_dir / "pruned.pth"
+    write_checkpoint(pruned_checkpoint, pruned_path)
+    config_path = run_dir / "source_config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    lr = args.finetune_lr if args.finetune_lr is not None else 0.1 * float(config["train"]["lr"])
+    overrides = [f"train.init_from={pruned_path}", f"train.epochs={args.finetune_epochs}", "train.resume=auto",
+                 f"train.lr={lr}", "train.max_steps=null", "model.weights=none", f"output_dir={run_dir}"]
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(config_path), *overrides, *args.set]
+    print("fine-tuning: " + " ".join(command), flush=True)
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"fine-tuning failed (see the output above); the pruned, not fine-tuned model is in "
+                         f"{pruned_path}, and running the same command again resumes from {run_dir / 'last.pt'}")
+    return read_checkpoint(run_dir / "best.pt")
+
+
 def run_prune(args: argparse.Namespace) -> None:
-    """prune: load, prune (or sweep), save a checkpoint that load_artefact and train.init_from can read."""
-    if args.finetune_epochs:
-        # FIXME: fine-tuning belongs to the normal loop (train.py: data, loss, schedule, DDP, checkpoints);
-        # a second, smaller loop here would drift from it. train.py must rebuild the pruned widths with
-        # segpipe.compress.model_from_checkpoint when init_from is a structured-pruned artefact.
-        raise SystemExit("--finetune-epochs is not implemented in segpipe.compress: prune without it, then "
-                         "fine-tune through the normal training loop with `python train.py --config CONFIG "
-                         f"train.init_from={args.out or 'PRUNED.pth'} train.epochs=N`")
+    """prune: load, prune (or sweep), optionally fine-tune, save a checkpoint every entry point can read."""
     if args.out and Path(args.out).suffix == INT8_SUFFIX:
         raise SystemExit(f"--out {args.out}: pruned models are checkpoints; name the file *.pth")
+    if args.finetune_epochs and args.method != "structured":
+        raise SystemExit("--finetune-epochs needs --method structured: fine-tuning an unstructured-pruned model "
+                         "would grow the removed weights back (the masks are not kept)")
     checkpoint = read_checkpoint(args.checkpoint)
     if args.sweep:
         return sweep(model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint, args)
@@ -130,9 +157,19 @@ def run_prune(args: argparse.Namespace) -> None:
     record = prune_model(model, args, args.sparsity)
     record.update(source=str(args.checkpoint), params_before=params_before,
                   params_after=sum(p.numel() for p in model.parameters()))
-    write_checkpoint(compressed_checkpoint(checkpoint, model, record), args.out)
+    pruned = compressed_checkpoint(checkpoint, model, record)
     print(f"{args.method} pruning: sparsity {record['sparsity']:.3f} (asked {args.sparsity}), parameters "
-          f"{params_before:,} -> {record['params_after']:,}; wrote {args.out}")
+          f"{params_before:,} -> {record['params_after']:,}", flush=True)
+    if args.finetune_epochs:
+        record["miou_before_finetune"] = valid_miou(model_from_checkpoint(pruned, keep_aux=False), pruned, args)
+        tuned = finetune(pruned, args)
+        record.update(finetune_epochs=args.finetune_epochs, finetune_run=str(Path(args.out).stem + "-finetune"),
+                      miou_after_finetune=valid_miou(model_from_checkpoint(tuned, keep_aux=False), tuned, args))
+        pruned = compressed_checkpoint(checkpoint, model_from_checkpoint(tuned, keep_aux=True), record)
+        print(f"valid mIoU of the pruned model: {record['miou_before_finetune']:.4f} before fine-tuning, "
+              f"{record['miou_after_finetune']:.4f} after {args.finetune_epochs} epoch(s)")
+    write_checkpoint(pruned, args.out)
+    print(f"wrote {args.out}")
 
 
 def run_quantize(args: argparse.Namespace) -> None:
@@ -148,9 +185,8 @@ def run_quantize(args: argparse.Namespace) -> None:
         write_checkpoint(compressed_checkpoint(checkpoint, model, record), args.out)
         print(f"bf16: wrote {args.out} (fp32 weights, run under bf16 autocast by load_artefact)")
         return
-    mean, std, size = normalisation(checkpoint)
     root = data_root(args, checkpoint)
-    calibration = list(calibration_images(root, args.calib_images, mean, std, size))
+    calibration = list(calibration_images(checkpoint, root, args.calib_images))
     print(f"int8: calibrating on {len(calibration)} training images of {root} ...", flush=True)
     program = quantize_int8(model, calibration)
     record = {"method": "int8", "source": str(args.checkpoint), "calib_images": len(calibration),

@@ -1,66 +1,57 @@
 """How much a compressed model changes: pixel agreement with the float model and mIoU on a labelled split.
 
-Reads the project's folder layout (ROOT/SPLIT/NAME.jpg + NAME_mask.png, masks holding class indices)
-directly and at the stored size, so calibration and comparisons need no training pipeline.
+Images and masks are read as evaluate.py reads them (segpipe.data, with the checkpoint's mask encoding:
+class indices, an RGB palette or a label_map) and predicted through segpipe.predict.Predictor (the
+checkpoint's eval size and normalisation, logits upsampled to the mask's size), so the mIoU here is the
+one evaluate.py reports for the same model.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
-from PIL import Image
+from torchvision import tv_tensors
 
-from segpipe.data import DataError, load_index
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, load_index
 from segpipe.metrics import ConfusionMatrix
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MASK_SUFFIX = "_mask.png"
+from segpipe.predict import Predictor
+from segpipe.transforms import EvalTransform
 
 
-def image_paths(root: str | Path, split: str, limit: int | None = None) -> list[Path]:
-    """The first `limit` images of ROOT/SPLIT that have a mask, in name order (through the cached file index)."""
+def split_dataset(meta: dict, root: str | Path, split: str) -> SegmentationDataset:
+    """The pairs of ROOT/SPLIT, decoded without transforms as the checkpoint's masks are encoded."""
+    data = (meta.get("config") or {}).get("data") or {}
     try:
-        index = load_index(str(root), split)
+        return SegmentationDataset(load_index(str(root), split, data.get("cache_dir")), MaskDecoder.for_checkpoint(meta))
     except DataError as e:
         raise FileNotFoundError(f"{e}; pass --data-root pointing at a folder with {split}/NAME.jpg + "
                                 f"NAME_mask.png (e.g. ../shared/data/camvid)") from None
-    count = min(len(index), limit) if limit else len(index)
-    return [Path(index.paths(i)[0]) for i in range(count)]
 
 
-def load_image(path: Path, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-               size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A normalised 1x3xHxW float batch of one image, optionally resized to size (h, w)."""
-    img = Image.open(path).convert("RGB")
-    if size is not None and (img.height, img.width) != tuple(size):
-        img = img.resize((size[1], size[0]), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
-    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    return x.unsqueeze(0)
+def labelled_images(meta: dict, root: str | Path, split: str = "valid",
+                    limit: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first `limit` (uint8 3xHxW image, HxW class mask) pairs of a split, in name order."""
+    dataset = split_dataset(meta, root, split)
+    pairs = [dataset.load(i) for i in range(min(len(dataset), limit) if limit else len(dataset))]
+    return [p[0].as_subclass(torch.Tensor) for p in pairs], [p[1].as_subclass(torch.Tensor) for p in pairs]
 
 
-def load_mask(image_path: Path) -> torch.Tensor | None:
-    """The HxW class-index mask next to an image, or None if it has none."""
-    mask = image_path.with_name(image_path.stem + MASK_SUFFIX)
-    return torch.from_numpy(np.array(Image.open(mask))).long() if mask.is_file() else None
+def calibration_images(meta: dict, root: str | Path, count: int) -> Iterator[torch.Tensor]:
+    """Up to `count` training images, evenly spread over the split, each a normalised 1x3xHxW batch
+    at the checkpoint's eval size (what the model sees when it predicts)."""
+    dataset = split_dataset(meta, root, "train")
+    transform = EvalTransform(meta.get("eval_size"), meta["mean"], meta["std"]).image_transform
+    step = max(1, len(dataset) // max(1, count))
+    for i in range(0, len(dataset), step)[:count]:
+        image, _ = dataset.load(i)
+        yield transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)[None]
 
 
-def calibration_images(root: str | Path, count: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                       size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
-    """Up to `count` training images, evenly spread over the split, one normalised batch each."""
-    paths = image_paths(root, "train")
-    step = max(1, len(paths) // max(1, count))
-    for path in paths[::step][:count]:
-        yield load_image(path, mean, std, size)
-
-
-@torch.no_grad()
-def predict_classes(model: Callable, images: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Argmax class maps (uint8, HxW) of a model on each image."""
-    return [model(x)["out"].argmax(1)[0].to(torch.uint8) for x in images]
+def predict_classes(model: Callable, meta: dict, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Class maps (HxW, at each image's own size) of a model, through the Predictor."""
+    predictor = Predictor(model, meta, "cpu", batch_size=1)
+    return [predictor.predict(image) for image in images]
 
 
 def pixel_agreement(preds: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

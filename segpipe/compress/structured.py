@@ -4,7 +4,8 @@ Only channels that nothing outside a block depends on are removed, so residual w
 concatenations stay valid:
 - ResNet Bottleneck: the inner outputs of conv1 and conv2 (conv3 and the shortcut are untouched);
 - DeepLabV3 head: each ASPP branch, the ASPP projection and the 3x3 head convolution;
-- FCN heads (also the auxiliary head): the 3x3 convolution before the classifier.
+- FCN heads (also the auxiliary head): the 3x3 convolution before the classifier;
+- the conv-head model (segpipe.convhead): every conv3x3-BN-ReLU of its head.
 Each such output is a ChannelGroup: a producing conv, its BatchNorm, and the convs that consume it.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.segmentation.deeplabv3 import ASPP, ASPPPooling, DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
+
+from segpipe.convhead import ConvHeadSegmenter
 
 CRITERIA = ("l1", "bn")
 
@@ -45,6 +48,10 @@ def find_channel_groups(model: nn.Module) -> list[ChannelGroup]:
             groups.append(ChannelGroup(f"{p}1", f"{p}2", ((f"{p}4", 0),)))
         elif isinstance(module, FCNHead):
             groups.append(ChannelGroup(f"{p}0", f"{p}1", ((f"{p}4", 0),)))
+        elif isinstance(module, ConvHeadSegmenter):
+            for i in range(len(module.head)):
+                consumer = f"{p}head.{i + 1}.0" if i + 1 < len(module.head) else f"{p}classifier"
+                groups.append(ChannelGroup(f"{p}head.{i}.0", f"{p}head.{i}.1", ((consumer, 0),)))
     return groups
 
 
@@ -84,8 +91,8 @@ def prune_channels(model: nn.Module, sparsity: float, criterion: str = "l1", rou
     """Remove the least important `sparsity` share of every prunable group in place; return kept counts."""
     groups = find_channel_groups(model)
     if not groups:
-        raise PruningError(f"{type(model).__name__} has no prunable channel groups (ResNet Bottleneck, DeepLabHead "
-                           f"or FCNHead); use --method unstructured for this model")
+        raise PruningError(f"{type(model).__name__} has no prunable channel groups (ResNet Bottleneck, DeepLabHead, "
+                           f"FCNHead or the conv head); use --method unstructured for this model")
     keep = {}
     for g in groups:
         score = channel_importance(model, g, criterion)
