@@ -3,8 +3,9 @@
     nice python benchmarks/same_budget.py --budget-min 12
 
 For every run (model:loss) the budget becomes a number of epochs: the seconds of one training step
-(batch, crop and precision of the config, measured here after a warm-up step) times the steps in an
-epoch. Each model then trains its full schedule (warm-up and poly decay end together) with
+(batch, crop and precision of the config; the fastest of 3 after a warm-up step, all runs measured
+up front, before any training, so that no run's measurement competes with another's training) times
+the steps in an epoch. Each model then trains its full schedule (warm-up and poly decay end together) with
 `train.py`, validates once at the end, and `evaluate.py` scores best.pt on the full-resolution valid
 masks. Fixing the epochs up front keeps a run's result independent of other load on the machine;
 the table reports the wall time each run really took. A run whose metrics.json exists is not redone
@@ -34,8 +35,9 @@ SMALL_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist")
 DEFAULT_RUNS = ("unet:ce", "deeplabv3_resnet50:ce", "resnet50_convhead:ce", "resnet50_convhead:ce+dice")
 
 
-def seconds_per_step(model_name: str, loss: str, cfg, repeats: int = 2) -> float:
-    """Median seconds of one training step (forward, loss, backward, AdamW) at the config's batch and crop."""
+def seconds_per_step(model_name: str, loss: str, cfg, repeats: int = 3) -> float:
+    """Seconds of one training step (forward, loss, backward, AdamW) at the config's batch and crop: the
+    fastest of `repeats`, as other load on the machine only ever makes a step slower."""
     torch.manual_seed(0)
     amp_dtype, _ = resolve_amp(cfg.train.amp, torch.device("cpu"))
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -53,7 +55,7 @@ def seconds_per_step(model_name: str, loss: str, cfg, repeats: int = 2) -> float
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    return min(times[1:])
 
 
 def run(cmd: list[str], log_path: Path) -> float:
@@ -81,35 +83,33 @@ def main() -> None:
     steps_per_epoch = len(load_index(cfg.data.root, "train", cfg.data.cache_dir)) // cfg.train.batch_size
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
+    runs = [(spec.split(":")[0], spec.split(":")[1], out / spec.replace(":", "-").replace("+", "_"))
+            for spec in args.runs]
+    for model_name, loss, run_dir in runs:  # every measurement first, on a machine no run is training on
+        if not (run_dir / "budget.json").is_file():
+            step_s = seconds_per_step(model_name, loss, cfg)
+            epochs = max(1, int(args.budget_min * 60 / (step_s * steps_per_epoch)))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "budget.json").write_text(json.dumps({"step_s": step_s, "epochs": epochs,
+                                                             "budget_min": args.budget_min}))
     rows = []
-    for spec in args.runs:
-        model_name, loss = spec.split(":")
-        name = f"{model_name}-{loss.replace('+', '_')}"
-        run_dir = out / name
+    for model_name, loss, run_dir in runs:
         metrics_path = run_dir / "eval_valid" / "metrics.json"
         record_path = run_dir / "budget.json"
+        record = json.loads(record_path.read_text())
         if not metrics_path.is_file():
-            if record_path.is_file():  # interrupted: keep the epochs it started with
-                record = json.loads(record_path.read_text())
-            else:
-                step_s = seconds_per_step(model_name, loss, cfg)
-                epochs = max(1, int(args.budget_min * 60 / (step_s * steps_per_epoch)))
-                record = {"step_s": step_s, "epochs": epochs, "budget_min": args.budget_min}
-                run_dir.mkdir(parents=True, exist_ok=True)
-                record_path.write_text(json.dumps(record))
-            print(f"{name}: {record['step_s']:.2f} s/step x {steps_per_epoch} steps/epoch -> "
-                  f"{record['epochs']} epochs in {record['budget_min']:g} min", flush=True)
             epochs = record["epochs"]
+            print(f"{run_dir.name}: {record['step_s']:.2f} s/step x {steps_per_epoch} steps/epoch -> "
+                  f"{epochs} epochs in {record['budget_min']:g} min", flush=True)
+            name = f"{args.out}/{run_dir.name}"
             record["train_s"] = run([sys.executable, "train.py", "--config", args.config, *args.overrides,
                                      f"model.name={model_name}", f"train.loss={loss}", f"train.epochs={epochs}",
-                                     f"train.val_every={epochs}", "train.resume=auto", f"output_dir={args.out}/{name}"],
+                                     f"train.val_every={epochs}", "train.resume=auto", f"output_dir={name}"],
                                     run_dir / "log.txt")
             record_path.write_text(json.dumps(record))
-            run([sys.executable, "evaluate.py", "--checkpoint", f"{args.out}/{name}/best.pt", "--workers", "1",
+            run([sys.executable, "evaluate.py", "--checkpoint", f"{name}/best.pt", "--workers", "1",
                  "--failures", "0"], run_dir / "log.txt")
-        record = json.loads(record_path.read_text())
-        metrics = json.loads(metrics_path.read_text())
-        rows.append((model_name, loss, record, metrics))
+        rows.append((model_name, loss, record, json.loads(metrics_path.read_text())))
 
     lines = ["| model | loss | s/step | epochs | train wall (min) | val mIoU | "
              + " | ".join(SMALL_CLASSES) + " | eval images/s |",
