@@ -182,3 +182,14 @@ def test_discover_cli_prints_a_config_that_decodes_the_masks(make_dataset, capsy
     assert np.array_equal(colours, original)
     with pytest.raises(SystemExit, match="does not exist"):
         discover([str(tmp_path / "missing")])
+
+
+def test_compression_quality_reads_masks_as_the_checkpoint_was_trained(make_dataset, tmp_path):
+    from segpipe.compress.quality import labelled_images
+    index_root = make_dataset(n_valid=2, root=tmp_path / "index")
+    rgb_root = make_dataset(n_valid=2, rgb_palette=PALETTE, root=tmp_path / "rgb")  # same seed: same masks
+    meta = {"num_classes": 3, "ignore_index": 255, "config": {"data": {"mask_format": "rgb", "palette": PALETTE}}}
+    _, rgb_masks = labelled_images(meta, rgb_root, "valid")
+    _, index_masks = labelled_images({**meta, "config": {}}, index_root, "valid")
+    assert len(rgb_masks) == 2 and all(torch.equal(a, b) for a, b in zip(rgb_masks, index_masks))
+    assert rgb_masks[0].shape == (40, 56)  # full resolution, as evaluate.py scores
