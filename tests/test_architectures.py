@@ -219,3 +219,26 @@ def test_untied_relus_leave_unet_outputs_unchanged(encoder):
     assert len(blocks) == (8 if encoder == "resnet18" else 16)
     assert not any(hasattr(b, "relu") for b in blocks)
     torch.testing.assert_close(forward(model, x), expected)
+
+
+def test_unet_with_basic_blocks_quantizes_to_int8():
+    from segpipe.compress.int8 import quantize_int8
+    model = build("unet", num_classes=3, encoder="resnet18").eval()
+    torch.manual_seed(2)
+    calibration = [torch.randn(1, 3, 64, 64) for _ in range(3)]
+    program = quantize_int8(model, calibration)  # BasicBlock's shared ReLU would make the quantizer refuse
+    x = torch.randn(1, 3, 64, 64)
+    expected = forward(model, x).argmax(1)
+    with torch.no_grad():
+        got = program.module()(x)["out"].argmax(1)  # the reference q/dq graph: no compiler needed
+    assert (got == expected).float().mean() > 0.9
+
+
+def test_convhead_head_layers_are_pruned_for_real():
+    from segpipe.compress import prune_channels
+    model = build("resnet50_convhead", num_classes=4, output_stride=16, depth=2, width=64).eval()
+    before = sum(p.numel() for p in model.parameters())
+    prune_channels(model, 0.5)
+    assert [layer[0].out_channels for layer in model.head] == [32, 32] and model.classifier.in_channels == 32
+    assert sum(p.numel() for p in model.parameters()) < 0.6 * before
+    assert forward(model, torch.randn(1, 3, 33, 47)).shape == (1, 4, 33, 47)
