@@ -8,8 +8,10 @@ up front, before any training, so that no run's measurement competes with anothe
 the steps in an epoch. Each model then trains its full schedule (warm-up and poly decay end together) with
 `train.py`, validates once at the end, and `evaluate.py` scores best.pt on the full-resolution valid
 masks. Fixing the epochs up front keeps a run's result independent of other load on the machine;
-the table reports the wall time each run really took. A run whose metrics.json exists is not redone
-(delete OUT/NAME to redo it); an interrupted run resumes from its last.pt.
+the table reports the wall time each run really took. Latency is measured last, for all trained
+models together in interleaved rounds (batch 1 at the config's eval size, fp32 as evaluate.py runs,
+--threads threads, median). A run whose metrics.json exists is not redone (delete OUT/NAME to redo
+it); an interrupted run resumes from its last.pt.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from segpipe.data import load_index  # noqa: E402
 from segpipe.distributed import resolve_amp  # noqa: E402
 from segpipe.losses import SegmentationLoss  # noqa: E402
 from segpipe.models import build_model  # noqa: E402
+from segpipe.predict import load_model  # noqa: E402
 
 SMALL_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist")
 DEFAULT_RUNS = ("unet:ce", "deeplabv3_resnet50:ce", "resnet50_convhead:ce", "resnet50_convhead:ce+dice")
@@ -56,6 +59,22 @@ def seconds_per_step(model_name: str, loss: str, cfg, repeats: int = 3) -> float
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return min(times[1:])
+
+
+@torch.inference_mode()
+def latencies_ms(checkpoints: list[Path], size: list[int], rounds: int = 10) -> list[float]:
+    """Median ms of one eval forward (batch 1, size) per checkpoint, timed in interleaved rounds."""
+    models = [load_model(path, torch.device("cpu"))[0] for path in checkpoints]
+    x = torch.randn(1, 3, *size)
+    for model in models:  # warm-up
+        model(x)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for model, record in zip(models, times):
+            start = time.perf_counter()
+            model(x)
+            record.append(1000 * (time.perf_counter() - start))
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def run(cmd: list[str], log_path: Path) -> float:
@@ -111,17 +130,19 @@ def main() -> None:
                  "--failures", "0"], run_dir / "log.txt")
         rows.append((model_name, loss, record, json.loads(metrics_path.read_text())))
 
+    latency = latencies_ms([run_dir / "best.pt" for _, _, run_dir in runs], cfg.data.eval_size or [360, 480])
     lines = ["| model | loss | s/step | epochs | train wall (min) | val mIoU | "
-             + " | ".join(SMALL_CLASSES) + " | eval images/s |",
-             "|---|---|---|---|---|---|" + "---|" * len(SMALL_CLASSES) + "---|"]
-    for model_name, loss, record, metrics in rows:
+             + " | ".join(SMALL_CLASSES) + " | latency ms |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(SMALL_CLASSES) + "---:|"]
+    for (model_name, loss, record, metrics), ms in zip(rows, latency):
         small = " | ".join(f"{100 * metrics['per_class_iou'][c]:.1f}" for c in SMALL_CLASSES)
         train_min = f"{record['train_s'] / 60:.1f}" if "train_s" in record else "?"
         lines.append(f"| {model_name} | {loss} | {record['step_s']:.2f} | {record['epochs']} | {train_min} | "
-                     f"{100 * metrics['miou']:.1f} | {small} | {metrics['images_per_s']:.2f} |")
+                     f"{100 * metrics['miou']:.1f} | {small} | {ms:.0f} |")
     table = "\n".join(lines)
     print(f"\n{os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads, budget {args.budget_min:g} min/run, "
-          f"IoU in % on CamVid valid (full-resolution masks)\n{table}")
+          f"IoU in % on CamVid valid (full-resolution masks), latency at batch 1, "
+          f"{'x'.join(map(str, cfg.data.eval_size or [360, 480]))}, fp32\n{table}")
     (out / "table.md").write_text(table + "\n")
 
 
