@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segpipe.config import load_config  # noqa: E402
 from segpipe.data import FileIndex, MaskDecoder, SegmentationDataset, load_index  # noqa: E402
-from segpipe.transforms import train_transform  # noqa: E402
+from segpipe.transforms import FastGaussianBlur, RandomScaleCrop, ToNormalizedFloat, train_transform  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +60,31 @@ def loader_rate(dataset: Dataset, workers: int, n: int, batch_size: int = 8) -> 
     start = time.perf_counter()
     count = sum(len(batch[0]) for batch in it)
     return count / (time.perf_counter() - start)
+
+
+def stage_times(dataset: SegmentationDataset, cfg, n: int, repeats: int) -> dict[str, float]:
+    """CPU ms per sample of each step of the train pipeline, measured alone (process time: other jobs on a
+    shared machine barely change it), fastest of `repeats` passes over n samples."""
+    pairs = [dataset.load(i) for i in range(n)]
+    crop = RandomScaleCrop(cfg.crop_size, cfg.scale_range, cfg.ignore_index, base_size=cfg.train_size)
+    crops = [crop(*p) for p in pairs]
+    normalise = ToNormalizedFloat(cfg.mean, cfg.std)
+    normalised = [normalise(*c) for c in crops]
+    steps = {"decode image + mask": lambda i: dataset.load(i),
+             "random scale + crop": lambda i: crop(*pairs[i]),
+             "horizontal flip": lambda i: v2.RandomHorizontalFlip(cfg.hflip_prob)(*crops[i]),
+             "to float + normalise": lambda i: normalise(*crops[i]),
+             "Gaussian blur (every sample)": lambda i: FastGaussianBlur(cfg.blur_kernel, cfg.blur_sigma, 1.0)(
+                 *normalised[i]),
+             f"whole transform (blur p={cfg.blur_prob})": lambda i: train_transform(cfg)(*pairs[i])}
+    best = {name: float("inf") for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.process_time()
+            for i in range(n):
+                step(i)
+            best[name] = min(best[name], (time.process_time() - start) / n * 1000)
+    return best
 
 
 class MemoryProbe(Dataset):
@@ -140,6 +165,11 @@ def main() -> None:
     for name, rate in rates.items():
         print(f"| {name} | {rate:.1f} | {1000 / rate:.2f} | {rate / rates['decode only (floor)']:.2f}x |")
     print(f"\nsegpipe vs naive: {rates['segpipe train pipeline'] / rates['naive stock v2 (full image)']:.2f}x")
+
+    print("\n| step, one process | CPU ms/sample |")
+    print("|---|---:|")
+    for name, ms in stage_times(floor, cfg, args.samples, args.repeats).items():
+        print(f"| {name} | {ms:.2f} |")
 
     print("\n| train loader (batch 8) | samples/s |")
     print("|---|---:|")
