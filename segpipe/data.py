@@ -148,13 +148,13 @@ class MaskDecoder:
             self.codes = np.asarray(codes, dtype=np.int64)[order]
             self.code_targets = np.asarray(targets, dtype=np.int64)[order]
 
-
     @classmethod
     def for_checkpoint(cls, meta: dict) -> "MaskDecoder":
         """The decoder a checkpoint was trained with: its classes and ignore_index, its config's mask encoding."""
         data = (meta.get("config") or {}).get("data") or {}
         return cls(int(meta["num_classes"]), int(meta["ignore_index"]), data.get("mask_format", "index"),
                    data.get("palette"), data.get("palette_ignore"), data.get("label_map"))
+
     def decode(self, mask: Image.Image, path: str) -> np.ndarray:
         """Class indices (H, W) of a mask image; raises DataError naming the file on any bad value."""
         if self.mask_format == "rgb":

@@ -16,7 +16,8 @@ from segpipe.models import ModelError, build_model, resize_logits
 from segpipe.transforms import EvalTransform
 
 # What a Predictor needs besides the weights; train.py's checkpoint() and compress artefacts both carry it.
-META_KEYS = ("model_name", "model_options", "num_classes", "classes", "palette", "ignore_index", "mean", "std", "eval_size")
+META_KEYS = ("model_name", "model_options", "num_classes", "classes", "palette", "ignore_index", "mean", "std",
+             "eval_size")
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]  # PIL image, uint8 (H, W, 3) array or (3, H, W) tensor
 
 

@@ -255,7 +255,8 @@ def test_structured_pruning_fine_tunes_through_train_py(make_dataset, tmp_path):
     pruned = tmp_path / "pruned.pth"
     result = subprocess.run([sys.executable, "-m", "segpipe.compress", "prune", "--checkpoint", str(out / "best.pt"),
                              "--method", "structured", "--sparsity", "0.5", "--finetune-epochs", "1",
-                             "--out", str(pruned)], capture_output=True, text=True, timeout=400, env=run_env(), cwd=REPO)
+                             "--out", str(pruned)],
+                            capture_output=True, text=True, timeout=400, env=run_env(), cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "before fine-tuning" in result.stdout
     final, source = load_checkpoint(pruned), load_checkpoint(out / "best.pt")

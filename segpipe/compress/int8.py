@@ -54,7 +54,8 @@ class UntiedBasicBlock(BasicBlock):
         return self.relu2(self.bn2(self.conv2(out)) + identity)
 
 
-UNTIED = {Bottleneck: (UntiedBottleneck, ("relu1", "relu2", "relu3")), BasicBlock: (UntiedBasicBlock, ("relu1", "relu2"))}
+UNTIED = {Bottleneck: (UntiedBottleneck, ("relu1", "relu2", "relu3")),
+          BasicBlock: (UntiedBasicBlock, ("relu1", "relu2"))}
 
 
 def untie_relus(model: nn.Module) -> nn.Module:

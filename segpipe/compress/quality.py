@@ -23,7 +23,8 @@ def split_dataset(meta: dict, root: str | Path, split: str) -> SegmentationDatas
     """The pairs of ROOT/SPLIT, decoded without transforms as the checkpoint's masks are encoded."""
     data = (meta.get("config") or {}).get("data") or {}
     try:
-        return SegmentationDataset(load_index(str(root), split, data.get("cache_dir")), MaskDecoder.for_checkpoint(meta))
+        index = load_index(str(root), split, data.get("cache_dir"))
+        return SegmentationDataset(index, MaskDecoder.for_checkpoint(meta))
     except DataError as e:
         raise FileNotFoundError(f"{e}; pass --data-root pointing at a folder with {split}/NAME.jpg + "
                                 f"NAME_mask.png (e.g. ../shared/data/camvid)") from None
