@@ -27,11 +27,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.train_step import make_step  # noqa: E402
 from segpipe.config import load_config  # noqa: E402
 from segpipe.data import load_index  # noqa: E402
 from segpipe.distributed import resolve_amp  # noqa: E402
-from segpipe.losses import SegmentationLoss  # noqa: E402
-from segpipe.models import build_model  # noqa: E402
 from segpipe.predict import load_model  # noqa: E402
 
 SMALL_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist")
@@ -39,26 +38,18 @@ DEFAULT_RUNS = ("unet:ce", "deeplabv3_resnet50:ce", "resnet50_convhead:ce", "res
 
 
 def seconds_per_step(model_name: str, loss: str, cfg, repeats: int = 3) -> float:
-    """Seconds of one training step (forward, loss, backward, AdamW) at the config's batch and crop: the
-    fastest of `repeats`, as other load on the machine only ever makes a step slower."""
-    torch.manual_seed(0)
+    """Seconds of one training step (forward, loss, backward, optimizer) at the config's batch, crop and
+    precision: the fastest of `repeats` after a warm-up step, as other load only ever makes a step slower."""
     amp_dtype, _ = resolve_amp(cfg.train.amp, torch.device("cpu"))
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = build_model(model_name, len(cfg.data.classes)).train().to(memory_format=fmt)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    criterion = SegmentationLoss(loss, cfg.data.ignore_index)
-    images = torch.randn(cfg.train.batch_size, 3, *cfg.data.crop_size).contiguous(memory_format=fmt)
-    target = torch.randint(0, len(cfg.data.classes), (cfg.train.batch_size, *cfg.data.crop_size))
+    step = make_step(model_name, cfg.model.channels_last, amp_dtype is not None, cfg.train.batch_size,
+                     tuple(cfg.data.crop_size), loss, len(cfg.data.classes))
+    step()
     times = []
-    for _ in range(repeats + 1):  # the first is warm-up
+    for _ in range(repeats):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            loss_value = criterion(model(images), target)
-        loss_value.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step()
         times.append(time.perf_counter() - start)
-    return min(times[1:])
+    return min(times)
 
 
 @torch.inference_mode()

@@ -29,21 +29,22 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def make_step(model_name: str, channels_last: bool, bf16: bool, batch: int, size: tuple[int, int]):
+def make_step(model_name: str, channels_last: bool, bf16: bool, batch: int, size: tuple[int, int],
+              loss: str = "ce", num_classes: int = 11):
     """A closure running one training step of a fresh model in the given setting."""
     torch.manual_seed(0)
-    model = build_model(model_name, 11).train()
+    model = build_model(model_name, num_classes).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = SegmentationLoss("ce", 255)
+    criterion = SegmentationLoss(loss, 255)
     images = torch.randn(batch, 3, *size).contiguous(memory_format=fmt)
-    target = torch.randint(0, 11, (batch, *size))
+    target = torch.randint(0, num_classes, (batch, *size))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = criterion(model(images), target)
-        loss.backward()
+            value = criterion(model(images), target)
+        value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
