@@ -104,10 +104,9 @@ def sweep(model: nn.Module, checkpoint: dict, args: argparse.Namespace) -> None:
               f"{pixel_agreement(preds, dense):>9.4f}", flush=True)
 
 
-def valid_miou(model: nn.Module, checkpoint: dict, args: argparse.Namespace) -> float:
-    """mIoU on the valid split (first --images), scored as evaluate.py scores it."""
-    images, masks = labelled_images(checkpoint, data_root(args, checkpoint), "valid", args.images)
-    preds = predict_classes(model.eval(), checkpoint, images)
+def valid_miou(checkpoint: dict, images: list, masks: list) -> float:
+    """mIoU of a checkpoint's model on labelled images, scored as evaluate.py scores it."""
+    preds = predict_classes(model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint, images)
     return mean_iou(preds, masks, checkpoint["num_classes"], checkpoint["ignore_index"])
 
 
@@ -160,11 +159,12 @@ def run_prune(args: argparse.Namespace) -> None:
     pruned = compressed_checkpoint(checkpoint, model, record)
     print(f"{args.method} pruning: sparsity {record['sparsity']:.3f} (asked {args.sparsity}), parameters "
           f"{params_before:,} -> {record['params_after']:,}", flush=True)
-    if args.finetune_epochs:
-        record["miou_before_finetune"] = valid_miou(model_from_checkpoint(pruned, keep_aux=False), pruned, args)
+    if args.finetune_epochs:  # valid mIoU (first --images) before and after, on the same decoded images
+        images, masks = labelled_images(checkpoint, data_root(args, checkpoint), "valid", args.images)
+        record["miou_before_finetune"] = valid_miou(pruned, images, masks)
         tuned = finetune(pruned, args)
         record.update(finetune_epochs=args.finetune_epochs, finetune_run=str(Path(args.out).stem + "-finetune"),
-                      miou_after_finetune=valid_miou(model_from_checkpoint(tuned, keep_aux=False), tuned, args))
+                      miou_after_finetune=valid_miou(tuned, images, masks))
         pruned = compressed_checkpoint(checkpoint, model_from_checkpoint(tuned, keep_aux=True), record)
         print(f"valid mIoU of the pruned model: {record['miou_before_finetune']:.4f} before fine-tuning, "
               f"{record['miou_after_finetune']:.4f} after {args.finetune_epochs} epoch(s)")
