@@ -262,3 +262,11 @@ def test_cli_refuses_a_suffix_that_would_not_load(workspace):
     root, _ = workspace
     with pytest.raises(SystemExit, match=r"\*\.pt2"):
         main(["quantize", "--checkpoint", str(root / "model.pth"), "--out", str(root / "int8.pth")])
+
+
+def test_cli_bad_data_root_or_checkpoint_is_a_message_not_a_traceback(workspace, tmp_path):
+    root, _ = workspace
+    with pytest.raises(SystemExit, match="--data-root"):
+        main(["prune", "--checkpoint", str(root / "model.pth"), "--sweep", "--data-root", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="missing.pth"):
+        main(["quantize", "--checkpoint", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "q.pt2")])

@@ -16,14 +16,17 @@ import torch
 import yaml
 from torch import nn
 
+from segpipe.checkpoint import CheckpointError
 from segpipe.compress.artefact import (artefact_metadata, compressed_checkpoint, model_from_checkpoint, read_checkpoint,
                                        write_checkpoint)
 from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
 from segpipe.compress.int8 import quantize_int8, save_int8
 from segpipe.compress.quality import (calibration_images, labelled_images, mean_iou, pixel_agreement,
                                       predict_classes)
-from segpipe.compress.structured import CRITERIA, group_widths, prune_channels, prunable_channel_sparsity
+from segpipe.compress.structured import (CRITERIA, PruningError, group_widths, prune_channels,
+                                         prunable_channel_sparsity)
 from segpipe.compress.unstructured import SCOPES, prune_unstructured
+from segpipe.data import DataError
 
 DEFAULT_DATA_ROOT = "../shared/data/camvid"
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
@@ -206,7 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"prune": run_prune, "quantize": run_quantize}[args.command](args)
+    try:
+        {"prune": run_prune, "quantize": run_quantize}[args.command](args)
+    except (DataError, CheckpointError, PruningError) as e:  # the user's files or options: a message, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

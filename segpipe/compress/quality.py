@@ -26,8 +26,8 @@ def split_dataset(meta: dict, root: str | Path, split: str) -> SegmentationDatas
         index = load_index(str(root), split, data.get("cache_dir"))
         return SegmentationDataset(index, MaskDecoder.for_checkpoint(meta))
     except DataError as e:
-        raise FileNotFoundError(f"{e}; pass --data-root pointing at a folder with {split}/NAME.jpg + "
-                                f"NAME_mask.png (e.g. ../shared/data/camvid)") from None
+        raise DataError(f"{e}. Here: pass --data-root pointing at a folder with {split}/NAME.jpg + "
+                        f"NAME_mask.png (e.g. ../shared/data/camvid)") from None
 
 
 def labelled_images(meta: dict, root: str | Path, split: str = "valid",
