@@ -212,7 +212,9 @@ def read_image(path: str, min_size: Optional[tuple[int, int]] = None) -> tuple[I
             h, w = min_size
             if 2 * h <= stored[1] and 2 * w <= stored[0]:
                 img.draft("RGB", (w, h))  # picks the largest 1/2, 1/4, 1/8 scale that stays >= (w, h)
-        img = img.convert("RGB")  # forces the full decode, so truncation shows up here
+        img.load()  # the full decode, so truncation shows up here
+        if img.mode != "RGB":
+            img = img.convert("RGB")  # (convert on an RGB image would be a needless copy)
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: {e}. If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
                         f"or downscale the file") from None
@@ -266,9 +268,14 @@ class SegmentationDataset(Dataset):
             return image, mask
         if seed is None:
             return self.transform(image, mask)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # The CPU generator alone: torch.manual_seed would also (lazily) seed every accelerator, ~50x slower.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
             return self.transform(image, mask)
+        finally:
+            generator.set_state(state)
 
 
 def discover_labels(index: FileIndex, mask_format: str = "index", ignore_index: int = 255,

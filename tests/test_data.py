@@ -193,3 +193,18 @@ def test_compression_quality_reads_masks_as_the_checkpoint_was_trained(make_data
     _, index_masks = labelled_images({**meta, "config": {}}, index_root, "valid")
     assert len(rgb_masks) == 2 and all(torch.equal(a, b) for a, b in zip(rgb_masks, index_masks))
     assert rgb_masks[0].shape == (40, 56)  # full resolution, as evaluate.py scores
+
+
+def test_seeded_samples_repeat_and_leave_the_global_generator_alone(make_dataset):
+    from torchvision.transforms import v2
+    root = make_dataset(n_train=1, size=(64, 96))
+    augment = v2.Compose([v2.RandomCrop([32, 48]), v2.RandomHorizontalFlip()])
+    dataset = SegmentationDataset(load_index(str(root), "train"), MaskDecoder(3, 255), augment)
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    first, again = dataset[(0, 7)], dataset[(0, 7)]
+    others = [dataset[(0, seed)] for seed in range(8, 14)]
+    assert torch.equal(torch.rand(4), expected_next)  # sampling with a seed did not move the global stream
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert any(not torch.equal(first[0], image) for image, _ in others)

@@ -87,6 +87,26 @@ def test_fused_normalisation_matches_todtype_then_normalize():
     assert isinstance(fused, tv_tensors.Image)
 
 
+def test_blur_matches_torchvision_on_a_batch_of_uint8():
+    x = torch.randint(0, 256, (2, 3, 17, 23), dtype=torch.uint8)
+    expected = F.gaussian_blur(x.float(), [5, 5], [0.7, 0.7])
+    assert torch.allclose(gaussian_blur(x, 5, 0.7), expected, atol=1e-4)
+
+
+def test_fused_blur_and_normalisation_match_todtype_blur_normalize():
+    from torchvision.transforms import v2
+    from segpipe.transforms import ToNormalizedFloat
+    image, mask = encoded_pair(3)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    fused, same_mask = ToNormalizedFloat(mean, std, 5, (1.3, 1.3), blur_prob=1.0)(image, mask)
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.GaussianBlur(5, sigma=1.3),
+                            v2.Normalize(mean, std)])(image)
+    assert torch.allclose(fused, reference, atol=1e-5) and torch.equal(same_mask, mask)
+    assert fused.is_contiguous() and isinstance(fused, tv_tensors.Image)
+    unblurred, _ = ToNormalizedFloat(mean, std, 5, (1.3, 1.3), blur_prob=0.0)(image, mask)
+    assert not torch.allclose(unblurred, reference, atol=1e-2)
+
+
 def test_blur_commutes_with_normalisation():
     x = torch.rand(3, 20, 30)
     mean, std = torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1), torch.tensor([0.2, 0.3, 0.25]).view(3, 1, 1)
