@@ -101,16 +101,21 @@ if len(train_loader) == 0:
 # -- model ---------------------------------------------------------------------------------------------
 compression = None
 try:
-    model = build_model(cfg.model.name, num_classes, cfg.model.weights, model_options(cfg.model))
     if cfg.train.init_from and is_artefact(cfg.train.init_from):  # pruned: its widths are not the registry's
         if cfg.train.init_from.endswith(INT8_SUFFIX):
             sys.exit(f"train.init_from={cfg.train.init_from} is an int8 artefact, which cannot be trained; "
                      f"fine-tune the float or pruned checkpoint it was made from, then quantize again")
         source = load_checkpoint(cfg.train.init_from)
+        if (source["model_name"], source["num_classes"]) != (cfg.model.name, num_classes):
+            sys.exit(f"train.init_from={cfg.train.init_from} is a {source['model_name']} with {source['num_classes']} "
+                     f"classes, but the config trains a {cfg.model.name} with {num_classes}; set model.name and "
+                     f"data.classes to match it")
         model = model_from_checkpoint(source)
         compression = source["compression"]  # kept in this run's checkpoints: their widths are the pruned ones
-    elif cfg.train.init_from:
-        load_pretrained(model, cfg.train.init_from)
+    else:
+        model = build_model(cfg.model.name, num_classes, cfg.model.weights, model_options(cfg.model))
+        if cfg.train.init_from:
+            load_pretrained(model, cfg.train.init_from)
 except (ModelError, CheckpointError) as e:
     sys.exit(f"model error: {e}")
 if cfg.model.bn_momentum is not None:

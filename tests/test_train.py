@@ -1,5 +1,4 @@
 """train.py and the training loop, with real processes (subprocess, torchrun, torch.multiprocessing + gloo)."""
-import os
 import signal
 import subprocess
 import sys
@@ -268,3 +267,5 @@ def test_structured_pruning_fine_tunes_through_train_py(make_dataset, tmp_path):
     assert sum(v.numel() for v in final["model"].values()) < 0.9 * sum(v.numel() for v in source["model"].values())
     image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
     assert Predictor.from_file(pruned, "cpu").predict(image).shape == (40, 56)  # the pruned widths rebuild
+    wrong = train(root, tmp_path / "wrong", "train.max_steps=1", f"train.init_from={pruned}")  # default model
+    assert wrong.returncode != 0 and "is a resnet50_convhead with" in wrong.stderr and "model.name" in wrong.stderr
