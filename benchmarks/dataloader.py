@@ -2,8 +2,8 @@
 
 Prints samples/s of the decode-only floor, the naive stock-v2 pipeline, and segpipe's train pipeline
 (decode, scale, crop, flip, blur p=0.5, normalise) in one process, then the train loader with 0/1/2
-workers; then the peak memory of the main process and 2 workers iterating 2,000 samples over a
-10,000-entry and a 1,000,000-entry file index.
+workers; then the peak memory of the main process and 2 workers iterating 2,000 samples
+(--memory-samples) over a 10,000-entry and a 1,000,000-entry file index.
 """
 import argparse
 import os
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "camvid.yaml"))
     parser.add_argument("--samples", type=int, default=80, help="samples per timed pass")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-samples", type=int, default=2000, help="samples the 2 workers iterate per index")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core per worker is how the loader runs
     cfg = load_config(args.config, [f"data.root={args.root}"]).data
@@ -180,7 +181,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|")
     for size in (10_000, 1_000_000):
         big = SegmentationDataset(index_of_size(index, size), decoder, train_transform(cfg))
-        main_peak, peak, private = worker_memory(big, 2000)
+        main_peak, peak, private = worker_memory(big, args.memory_samples)
         print(f"| {size:,} | {main_peak:.0f} | {peak:.0f} | {private:.0f} |")
 
 

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -7,7 +9,7 @@ import torch
 from PIL import Image
 
 import segpipe.data as data_mod
-from conftest import CAMVID, needs_camvid, random_mask, write_pair
+from conftest import CAMVID, REPO, needs_camvid, random_mask, run_env, write_pair
 from segpipe.data import DataError, MaskDecoder, SegmentationDataset, discover_labels, load_index
 
 
@@ -163,6 +165,31 @@ def test_camvid_loads():
     image, mask = SegmentationDataset(index, MaskDecoder(11, 11))[0]
     assert image.shape == (3, 360, 480) and image.dtype == torch.uint8
     assert mask.shape == (360, 480) and int(mask.max()) <= 11
+
+
+@needs_camvid
+def test_camvid_train_samples_have_the_crop_size_and_only_known_labels():
+    from segpipe.config import load_config
+    from segpipe.transforms import train_transform
+    cfg = load_config(str(REPO / "configs" / "camvid.yaml"), [f"data.root={CAMVID}"]).data
+    index = load_index(str(CAMVID), "train")
+    dataset = SegmentationDataset(index, MaskDecoder(11, 11), train_transform(cfg))
+    for i in range(0, len(index), 61):
+        image, mask = dataset[(i, i)]
+        assert image.shape == (3, 288, 384) and image.dtype == torch.float32 and mask.shape == (288, 384)
+        assert -3 < float(image.min()) < float(image.max()) < 3  # normalised, not 0..255 or 0..1
+        assert set(torch.unique(mask).tolist()) <= set(range(12))
+
+
+@needs_camvid
+def test_dataloader_benchmark_runs_on_camvid():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dataloader.py"), "--root", str(CAMVID),
+                             "--samples", "4", "--repeats", "1", "--memory-samples", "16"],
+                            capture_output=True, text=True, timeout=300, env=run_env(), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    for row in ("| decode only (floor) |", "| naive stock v2 (full image) |", "| segpipe train pipeline |",
+                "segpipe vs naive:", "| 2 workers |", "| 1,000,000 |"):
+        assert row in result.stdout, row
 
 
 def test_discover_cli_prints_a_config_that_decodes_the_masks(make_dataset, capsys, tmp_path):
