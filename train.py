@@ -272,8 +272,9 @@ try:
             if miou > best_miou:
                 best_miou = miou
                 save_checkpoint(checkpoint(miou), out_dir / "best.pt")
-            log(f"epoch {state.epoch}: step {state.step}, val mIoU {miou:.4f} (best {best_miou:.4f}), "
-                f"{time.time() - epoch_start:.1f} s")
+            scores = (f"val mIoU {miou:.4f} (best {best_miou:.4f})" if miou >= 0 else
+                      f"not validated (train.val_every={cfg.train.val_every})")
+            log(f"epoch {state.epoch}: step {state.step}, {scores}, {time.time() - epoch_start:.1f} s")
 except NonFiniteLossError as e:
     log(f"error: {e}")
     exit_code = 1

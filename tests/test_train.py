@@ -35,13 +35,14 @@ def train(root, out, *extra, timeout=240, torchrun=0, port=None):
 
 def test_single_process_run_writes_checkpoints_and_logs(make_dataset, tmp_path):
     root, out = make_dataset(n_train=4, n_valid=3), tmp_path / "run"
-    result = train(root, out, "train.epochs=2")
+    result = train(root, out, "train.epochs=2", "train.val_every=2")
     assert result.returncode == 0, result.stderr
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["step"] == 4 and ckpt["classes"] == ["a", "b", "c"]
     assert ckpt["config"]["train"]["epochs"] == 2 and "torch" in ckpt["versions"]
     assert (out / "best.pt").is_file() and (out / "config.yaml").is_file()
     assert any((out / "tb").iterdir())
+    assert "epoch 1: step 2, not validated (train.val_every=2)" in result.stdout
     assert "epoch 2: step 4, val mIoU" in result.stdout
 
 
