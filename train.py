@@ -26,7 +26,7 @@ from segpipe.data import (DataError, MaskDecoder, SegmentationDataset, class_pix
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
 from segpipe.models import ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options
-from segpipe.transforms import collate_eval, eval_transform, train_transform
+from segpipe.transforms import BlurNormalizeBatch, collate_eval, eval_transform, train_transform
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--config", default="configs/default.yaml", help="YAML file (see configs/)")
@@ -44,7 +44,11 @@ if not cfg.data.synthetic and not Path(cfg.data.root).is_dir():
              f"or try the built-in demo: `python train.py --config configs/synthetic.yaml`")
 
 # -- processes and devices (every device/precision choice is made in distributed.setup) ----------------
-rt = dist_utils.setup(cfg.train.device, cfg.train.backend, cfg.train.amp, cfg.model.channels_last)
+try:
+    rt = dist_utils.setup(cfg.train.device, cfg.train.backend, cfg.train.amp, cfg.model.channels_last,
+                          augment_on=cfg.data.augment_on, color_jitter=cfg.data.color_jitter)
+except ValueError as e:
+    sys.exit(f"config error: {e}")
 torch.manual_seed(cfg.train.seed)
 out_dir = Path(cfg.output_dir)
 log = print if rt.is_main else (lambda *a, **k: None)
@@ -81,7 +85,9 @@ try:
 except DataError as e:
     sys.exit(f"data error: {e}")
 decode_size = tuple(cfg.data.train_size) if cfg.data.train_size else None
-train_set = SegmentationDataset(train_index, decoder, train_transform(cfg.data), decode_size)
+train_set = SegmentationDataset(train_index, decoder, train_transform(cfg.data, rt.augment_on_device), decode_size)
+# With data.augment_on=device the workers send uint8 crops and blur draws; the training step does the rest.
+device_augment = BlurNormalizeBatch(cfg.data.mean, cfg.data.std, cfg.data.blur_kernel) if rt.augment_on_device else None
 valid_set = SegmentationDataset(valid_index, decoder, eval_transform(cfg.data))
 # DistributedSampler in a world of one too: its shuffle depends only on (seed, epoch), which resume needs.
 base_sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.train.seed,
@@ -251,7 +257,7 @@ try:
         train_sampler.set_epoch(state.epoch, skip=state.batches_done * cfg.train.batch_size)
         train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, train_loader, rt, state,
                         cfg.train.accum_steps, cfg.train.grad_clip, max_steps, lambda: bool(stop_signal),
-                        log_scalars, cfg.train.log_every)
+                        log_scalars, cfg.train.log_every, device_augment)
         if state.batches_done >= len(base_sampler) // cfg.train.batch_size:  # the epoch is complete
             state.epoch, state.batches_done = state.epoch + 1, 0
         if stop_signal:  # preempted: save quickly and go; resume continues from the next batch

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segpipe.config import load_config  # noqa: E402
 from segpipe.data import FileIndex, MaskDecoder, SegmentationDataset, load_index  # noqa: E402
-from segpipe.transforms import RandomScaleCrop, ToNormalizedFloat, train_transform  # noqa: E402
+from segpipe.transforms import BlurNormalizeBatch, RandomScaleCrop, ToNormalizedFloat, train_transform  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +80,21 @@ def stage_times(dataset: SegmentationDataset, cfg, n: int, repeats: int) -> dict
             for i in range(n):
                 step(i)
             best[name] = min(best[name], (time.process_time() - start) / n * 1000)
+    return best
+
+
+def device_step_ms(deferred: SegmentationDataset, cfg, n: int, repeats: int) -> float:
+    """CPU ms per sample of BlurNormalizeBatch on batches of 8 (what the training step adds with augment_on=device)."""
+    samples = [deferred[(i % len(deferred), i)] for i in range(n - n % 8 or 8)]
+    batches = [(torch.stack([s[0] for s in samples[i:i + 8]]), torch.stack([s[2] for s in samples[i:i + 8]]))
+               for i in range(0, len(samples), 8)]
+    step = BlurNormalizeBatch(cfg.mean, cfg.std, cfg.blur_kernel)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for images, sigmas in batches:
+            step(images, sigmas)
+        best = min(best, (time.process_time() - start) / len(samples) * 1000)
     return best
 
 
@@ -145,13 +160,15 @@ def main() -> None:
     floor = SegmentationDataset(index, decoder, None)
     naive = SegmentationDataset(index, decoder, naive_transform(cfg))
     ours = SegmentationDataset(index, decoder, train_transform(cfg))
+    deferred = SegmentationDataset(index, decoder, train_transform(cfg, blur_on_device=True))
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{cfg.root}, crop {cfg.crop_size}, scale {cfg.scale_range}, blur p={cfg.blur_prob}, 1 thread per process")
-    pipelines = {"decode only (floor)": floor, "naive stock v2 (full image)": naive, "segpipe train pipeline": ours}
+    pipelines = {"decode only (floor)": floor, "naive stock v2 (full image)": naive, "segpipe train pipeline": ours,
+                 "segpipe, workers' part with data.augment_on=device": deferred}
     for ds in pipelines.values():
         per_sample_pass(ds, 5, 0)  # warm-up
-    # Round-robin, so load from other processes hits all three pipelines alike.
+    # Round-robin, so load from other processes hits all pipelines alike.
     passes = {name: [] for name in pipelines}
     for r in range(args.repeats):
         for name, ds in pipelines.items():
@@ -164,8 +181,11 @@ def main() -> None:
         print(f"| {name} | {rate:.1f} | {1000 / rate:.2f} | {rate / rates['decode only (floor)']:.2f}x | "
               f"{cpu[name]:.2f} |")
     stock, segpipe = "naive stock v2 (full image)", "segpipe train pipeline"
-    print(f"\nsegpipe vs naive: {rates[segpipe] / rates[stock]:.2f}x by samples/s, {cpu[stock] / cpu[segpipe]:.2f}x by CPU "
-          f"time (CPU time is what other jobs on a shared machine disturb least)")
+    print(f"\nsegpipe vs naive: {rates[segpipe] / rates[stock]:.2f}x by samples/s, "
+          f"{cpu[stock] / cpu[segpipe]:.2f}x by CPU time (CPU time is what other jobs on a shared machine disturb least)")
+
+    print(f"blur + normalise of batches of 8 in the training step (data.augment_on=device), on this CPU: "
+          f"{device_step_ms(deferred, cfg, args.samples, args.repeats):.2f} CPU ms/sample")
 
     print("\n| step, one process | CPU ms/sample |")
     print("|---|---:|")

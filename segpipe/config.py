@@ -35,6 +35,9 @@ class DataConfig:
     blur_kernel: int = 5
     blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
     color_jitter: float = 0.0  # strength for brightness/contrast/saturation; 0 disables
+    # Where blur + normalisation run: workers (the loader), device (the training step, on the batch), or
+    # auto (device when training on a GPU and color_jitter is off, else workers).
+    augment_on: str = "auto"
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 2
@@ -96,7 +99,8 @@ class Config:
 
 
 # Keys whose value must be one of a few words; checked when the config is read, not deep in training.
-CHOICES = {"data.mask_format": ("index", "rgb"), "train.optimizer": ("sgd", "adamw"),
+CHOICES = {"data.mask_format": ("index", "rgb"), "data.augment_on": ("auto", "workers", "device"),
+           "train.optimizer": ("sgd", "adamw"),
            "train.loss": ("ce", "dice", "ce+dice"), "train.amp": ("auto", "bf16", "fp16", "none")}
 
 

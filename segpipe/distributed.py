@@ -22,6 +22,7 @@ class Runtime:
     amp_dtype: Optional[torch.dtype]  # None = full fp32
     use_grad_scaler: bool  # fp16 on CUDA only
     channels_last: bool = False  # memory format of the model and its inputs
+    augment_on_device: bool = False  # blur + normalise the uint8 batch in the training step, not the workers
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -45,7 +46,8 @@ class Runtime:
 
 
 def setup(device: Optional[str] = None, backend: Optional[str] = None, amp: str = "auto",
-          channels_last: bool = False, timeout_s: float = 600.0) -> Runtime:
+          channels_last: bool = False, timeout_s: float = 600.0, augment_on: str = "workers",
+          color_jitter: float = 0.0) -> Runtime:
     """Read RANK/LOCAL_RANK/WORLD_SIZE (torchrun) and join the process group; plain `python` is a world of one."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -63,7 +65,8 @@ def setup(device: Optional[str] = None, backend: Optional[str] = None, amp: str 
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     amp_dtype, scaler = resolve_amp(amp, dev)
-    return Runtime(rank, local_rank, world_size, dev, amp_dtype, scaler, channels_last)
+    on_device = resolve_augment_on(augment_on, dev, color_jitter)
+    return Runtime(rank, local_rank, world_size, dev, amp_dtype, scaler, channels_last, on_device)
 
 
 def resolve_amp(mode: str, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
@@ -84,6 +87,18 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[Optional[torch.dtype],
     if mode == "bf16" and not cpu_bf16:
         raise ValueError("train.amp=bf16: this CPU has no native bfloat16 (AVX512-BF16/AMX); use train.amp=none")
     return (torch.bfloat16, False) if cpu_bf16 else (None, False)
+
+
+def resolve_augment_on(mode: str, device: torch.device, color_jitter: float) -> bool:
+    """Whether data.augment_on puts blur + normalisation on the training device (True) or in the workers."""
+    if mode not in ("auto", "workers", "device"):
+        raise ValueError(f"data.augment_on={mode!r}; choose auto, workers or device")
+    if mode == "device" and color_jitter > 0:
+        raise ValueError("data.augment_on=device cannot apply data.color_jitter, which needs [0, 1] colours "
+                         "before normalisation in the workers; set data.augment_on=workers (or auto)")
+    if mode == "auto":  # a GPU does the per-pixel work in microseconds; on a CPU it competes with the model
+        return device.type == "cuda" and color_jitter == 0
+    return mode == "device"
 
 
 def cpu_supports_bf16() -> bool:

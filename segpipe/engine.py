@@ -59,13 +59,21 @@ def progress(iterable, total: int, desc: str, enabled: bool, log_every: int):
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, scaler, loader, rt: Runtime,
                     state: TrainState, accum_steps: int = 1, grad_clip: Optional[float] = None,
                     max_steps: Optional[int] = None, stop_requested: Callable[[], bool] = lambda: False,
-                    log: Callable[[dict], None] = lambda scalars: None, log_every: int = 20) -> None:
-    """One pass over loader (the rest of it, after a resume), or until max_steps or a stop request."""
+                    log: Callable[[dict], None] = lambda scalars: None, log_every: int = 20,
+                    device_augment: Optional[Callable] = None) -> None:
+    """One pass over loader (the rest of it, after a resume), or until max_steps or a stop request.
+
+    device_augment(images, sigmas): with data.augment_on=device, batches are (uint8 images, masks, blur sigmas)
+    and this blurs and normalises them on the device.
+    """
     model.train()
     bar = progress(loader, len(loader), f"epoch {state.epoch}", rt.is_main, log_every)
     tic = time.perf_counter()
-    for images, masks in bar:
+    for images, masks, *sigmas in bar:
         data_time = time.perf_counter() - tic
+        if device_augment is not None:
+            to = dict(device=rt.device, non_blocking=rt.pin_memory)
+            images = device_augment(images.to(**to), sigmas[0].to(**to))
         images, masks = rt.to_device(images), masks.to(rt.device, non_blocking=rt.pin_memory).long()
         last_micro = (state.batches_done + 1) % accum_steps == 0
         # DDP syncs gradients only on the micro-batch that ends an accumulation.

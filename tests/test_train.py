@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import REPO, run_env
 from segpipe.checkpoint import load_checkpoint, save_checkpoint
-from segpipe.distributed import Runtime, ShardSampler, resolve_amp
+from segpipe.distributed import Runtime, ShardSampler, resolve_amp, resolve_augment_on
 from segpipe.engine import TrainState, evaluate, train_one_epoch
 
 TINY = ["model.name=lraspp_mobilenet_v3_large", "data.crop_size=[32,32]", "train.batch_size=2",
@@ -120,6 +120,25 @@ def test_fp16_on_cpu_is_refused_and_auto_picks_a_supported_dtype():
         resolve_amp("fp16", torch.device("cpu"))
     dtype, scaler = resolve_amp("auto", torch.device("cpu"))
     assert dtype in (None, torch.bfloat16) and not scaler
+
+
+def test_augment_on_device_only_on_a_gpu_by_default_and_never_with_colour_jitter():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_augment_on("auto", cuda, 0.0) and not resolve_augment_on("auto", cpu, 0.0)
+    assert not resolve_augment_on("auto", cuda, 0.3) and resolve_augment_on("device", cpu, 0.0)
+    with pytest.raises(ValueError, match="data.augment_on=workers"):
+        resolve_augment_on("device", cuda, 0.3)
+
+
+def test_blur_and_normalise_in_the_training_step(make_dataset, tmp_path):
+    root = make_dataset(n_train=4, n_valid=2)
+    result = train(root, tmp_path / "dev", "train.max_steps=2", "data.augment_on=device", "data.blur_prob=1.0")
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(tmp_path / "dev" / "last.pt")["step"] == 2
+    for wrong in (["data.augment_on=device", "data.color_jitter=0.2"], ["train.amp=fp16"]):
+        refused = train(root, tmp_path / "refused", "train.max_steps=1", *wrong)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.startswith("config error: " + wrong[0].split("=")[0]), refused.stderr
 
 
 def test_atomic_save_never_leaves_a_broken_file(tmp_path, monkeypatch):

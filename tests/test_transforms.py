@@ -6,7 +6,7 @@ from torchvision.transforms.v2 import functional as F
 
 from conftest import random_mask
 from segpipe.config import DataConfig
-from segpipe.transforms import RandomScaleCrop, gaussian_blur, train_transform
+from segpipe.transforms import BlurNormalizeBatch, RandomScaleCrop, gaussian_blur, train_transform
 
 IGNORE = 255
 
@@ -111,3 +111,25 @@ def test_blur_commutes_with_normalisation():
     x = torch.rand(3, 20, 30)
     mean, std = torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1), torch.tensor([0.2, 0.3, 0.25]).view(3, 1, 1)
     assert torch.allclose(gaussian_blur((x - mean) / std, 5, 1.4), (gaussian_blur(x, 5, 1.4) - mean) / std, atol=1e-5)
+
+
+def test_blur_on_device_gives_the_workers_augmentation_for_the_same_seeds():
+    cfg = DataConfig(crop_size=[40, 48], scale_range=[0.5, 2.0], ignore_index=IGNORE, blur_prob=0.5)
+    in_workers, deferred = train_transform(cfg), train_transform(cfg, blur_on_device=True)
+    expected, crops, masks, sigmas = [], [], [], []
+    for seed in range(8):
+        image, mask = encoded_pair(seed)
+        torch.manual_seed(seed)
+        expected.append(in_workers(image, mask))
+        torch.manual_seed(seed)
+        crop, crop_mask, sigma = deferred(image, mask)
+        assert crop.dtype == torch.uint8 and torch.equal(crop_mask, expected[-1][1])
+        crops.append(crop), masks.append(crop_mask), sigmas.append(sigma)
+    assert 0 < sum(float(s) > 0 for s in sigmas) < len(sigmas)  # some blurred, some not
+    batch = BlurNormalizeBatch(cfg.mean, cfg.std, cfg.blur_kernel)(torch.stack(crops), torch.stack(sigmas))
+    assert torch.allclose(batch, torch.stack([image for image, _ in expected]), atol=1e-4)
+
+
+def test_blur_on_device_refuses_colour_jitter():
+    with pytest.raises(ValueError, match="data.augment_on=workers"):
+        train_transform(DataConfig(color_jitter=0.2), blur_on_device=True)
