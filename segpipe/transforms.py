@@ -118,6 +118,11 @@ def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float | torch.Te
     return out.contiguous().reshape(shape)  # collate stacks NCHW samples several times faster than channels_last
 
 
+def normalisation_affine(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel with uint8 x * scale + shift == (x / 255 - mean) / std."""
+    return torch.tensor([1 / (255 * s) for s in std]), torch.tensor([-m / s for m, s in zip(mean, std)])
+
+
 class ToNormalizedFloat(v2.Transform):
     """uint8 image -> float32 (x / 255 - mean) / std in one fused pass, Gaussian-blurred with probability
     blur_prob (the normalisation then rides on the blur's first convolution). Masks pass through unchanged."""
@@ -125,8 +130,7 @@ class ToNormalizedFloat(v2.Transform):
     def __init__(self, mean: Sequence[float], std: Sequence[float], blur_kernel: int = 5,
                  blur_sigma: Sequence[float] = (0.1, 2.0), blur_prob: float = 0.0):
         super().__init__()
-        self.scale = torch.tensor([1 / (255 * s) for s in std])
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)])
+        self.scale, self.shift = normalisation_affine(mean, std)
         self.blur = FastGaussianBlur(blur_kernel, blur_sigma, blur_prob)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
@@ -162,8 +166,7 @@ class BlurNormalizeBatch:
     """On the training device: a uint8 (N, 3, H, W) batch and its N blur sigmas -> the normalised float batch."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], kernel_size: int):
-        self.scale = torch.tensor([1 / (255 * s) for s in std])
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)])
+        self.scale, self.shift = normalisation_affine(mean, std)
         self.kernel_size = kernel_size
 
     def __call__(self, images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
