@@ -12,101 +12,118 @@ import sys
 import time
 from pathlib import Path
 
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segpipe.checkpoint import CheckpointError
-from segpipe.data import IMAGE_EXTS, MASK_SUFFIX, DataError, read_image
-from segpipe.predict import Predictor, class_shares, checkpoint_or_latest
+from segpipe.data import IMAGE_EXTS, MASK_SUFFIX
+from segpipe.predict import ImageFiles, Predictor, class_shares, checkpoint_or_latest
 
 TTA_SCALES = (0.75, 1.0, 1.25)  # --tta: these input scales, each also mirrored
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("inputs", nargs="+", help="image files, folders (their images, not *_mask.png) or globs")
-parser.add_argument("--checkpoint", help="a best.pt/last.pt of train.py or a compressed artefact "
-                                         "(default: the newest runs/*/best.pt)")
-parser.add_argument("--out", default="predictions", help="folder for NAME_mask.png and NAME_overlay.jpg")
-parser.add_argument("--tta", action="store_true", help=f"test-time augmentation: horizontal flip and scales "
-                                                       f"{', '.join(map(str, TTA_SCALES))} (about 6x slower)")
-parser.add_argument("--scales", type=float, nargs="+", help="input scales for multi-scale prediction "
-                                                            "(overrides those of --tta)")
-parser.add_argument("--window", help="tile size HxW for images much larger than the training crops, or 'auto' "
-                                     "(the training crop size); default: the whole image in one pass")
-parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
-parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay")
-args = parser.parse_args()
+# A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
+# again as __mp_main__: everything below runs only when the file is the program.
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="image files, folders (their images, not *_mask.png) or globs")
+    parser.add_argument("--checkpoint", help="a best.pt/last.pt of train.py or a compressed artefact "
+                                             "(default: the newest runs/*/best.pt)")
+    parser.add_argument("--out", default="predictions", help="folder for NAME_mask.png and NAME_overlay.jpg")
+    parser.add_argument("--tta", action="store_true", help=f"test-time augmentation: horizontal flip and scales "
+                                                           f"{', '.join(map(str, TTA_SCALES))} (about 6x slower)")
+    parser.add_argument("--scales", type=float, nargs="+", help="input scales for multi-scale prediction "
+                                                                "(overrides those of --tta)")
+    parser.add_argument("--window", help="tile size HxW for images much larger than the training crops, or 'auto' "
+                                         "(the training crop size); default: the whole image in one pass")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay")
+    parser.add_argument("--batch-size", type=int, default=4, help="images of the same size per forward pass")
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding the next images while the model "
+                                                               "runs (none when there are fewer than two batches)")
+    args = parser.parse_args()
+    if args.batch_size < 1 or args.workers < 0:
+        sys.exit(f"error: --batch-size must be 1 or more and --workers 0 or more "
+                 f"(got {args.batch_size} and {args.workers})")
 
 
-def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Image paths from files, folders and globs (in the order given), and the inputs that matched nothing."""
-    found, missing = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            matches = [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                       and not p.name.endswith(MASK_SUFFIX)]  # a data folder holds masks next to images
-        elif path.exists():
-            matches = [path]
-        elif glob.has_magic(item):
-            matches = [Path(p) for p in sorted(glob.glob(item)) if Path(p).is_file()]
-        else:
-            matches = []
-        if not matches:
-            missing.append(f"{item}: no such file, no image in that folder, or no file matches")
-        found += [p for p in matches if p not in found]
-    return found, missing
+    def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
+        """Image paths from files, folders and globs (in the order given), and the inputs that matched nothing."""
+        found, missing = [], []
+        for item in inputs:
+            path = Path(item)
+            if path.is_dir():
+                matches = [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                           and not p.name.endswith(MASK_SUFFIX)]  # a data folder holds masks next to images
+            elif path.exists():
+                matches = [path]
+            elif glob.has_magic(item):
+                matches = [Path(p) for p in sorted(glob.glob(item)) if Path(p).is_file()]
+            else:
+                matches = []
+            if not matches:
+                missing.append(f"{item}: no such file, no image in that folder, or no file matches")
+            found += [p for p in matches if p not in found]
+        return found, missing
 
 
-# -- checkpoint ------------------------------------------------------------------------------------------
-try:
-    checkpoint, picked = checkpoint_or_latest(args.checkpoint)
-except CheckpointError as e:
-    sys.exit(f"error: {e}")
-if picked:
-    print(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
-scales = args.scales or (TTA_SCALES if args.tta else (1.0,))
-try:
-    predictor = Predictor.from_file(checkpoint, args.device, flip=args.tta, scales=scales, window=args.window)
-except CheckpointError as e:
-    sys.exit(f"checkpoint error: {e}")
-except ValueError as e:  # --window, --scales
-    sys.exit(f"error: {e}")
-from segpipe.visualize import colorize, overlay  # after the checks: a wrong --checkpoint answers fast
-
-# -- inputs ------------------------------------------------------------------------------------------------
-files, errors = collect_images(args.inputs)
-for message in errors:
-    print(f"error: {message}", file=sys.stderr)
-out_dir = Path(args.out)
-out_dir.mkdir(parents=True, exist_ok=True)
-palette, classes = predictor.palette, predictor.classes
-print(f"{len(files)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
-      f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(scales) > 1 or args.tta else ''})")
-
-# -- predict -----------------------------------------------------------------------------------------------
-used_stems: set[str] = set()
-bar = tqdm(files, unit="image", file=sys.stderr, disable=True if len(files) < 2 else None)  # None: tty only
-for path in bar:
+    # -- checkpoint ------------------------------------------------------------------------------------------
     try:
-        image, _ = read_image(str(path))
-    except DataError as e:
-        errors.append(str(e))
-        tqdm.write(f"error: {e}", file=sys.stderr)
-        continue
-    tic = time.perf_counter()
-    pred = predictor.predict(image)
-    seconds = time.perf_counter() - tic
-    stem, n = path.stem, 1
-    while stem in used_stems:  # a.jpg from two folders: keep both
-        stem, n = f"{path.stem}-{n}", n + 1
-    used_stems.add(stem)
-    labels = pred.numpy().astype("uint8" if predictor.num_classes <= 256 else "int32")
-    colorize(labels, palette).save(out_dir / f"{stem}_mask.png")
-    overlay(image, labels, palette, classes, alpha=args.alpha).convert("RGB").save(
-        out_dir / f"{stem}_overlay.jpg", quality=90)
-    shares = sorted(enumerate(class_shares(pred, predictor.num_classes)), key=lambda kv: -kv[1])
-    summary = ", ".join(f"{classes[c]} {share:.1%}" for c, share in shares if share > 0)
-    tqdm.write(f"{path}  {image.width}x{image.height}  {seconds * 1000:.0f} ms  {summary}")
+        checkpoint, picked = checkpoint_or_latest(args.checkpoint)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    if picked:
+        print(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
+    scales = args.scales or (TTA_SCALES if args.tta else (1.0,))
+    try:
+        predictor = Predictor.from_file(checkpoint, args.device, flip=args.tta, scales=scales, window=args.window,
+                                        batch_size=args.batch_size)
+    except CheckpointError as e:
+        sys.exit(f"checkpoint error: {e}")
+    except ValueError as e:  # --window, --scales
+        sys.exit(f"error: {e}")
+    from segpipe.visualize import colorize, overlay  # after the checks: a wrong --checkpoint answers fast
 
-print(f"wrote {len(used_stems)} mask(s) and overlay(s) to {out_dir}/")
-if errors:
-    sys.exit(f"{len(errors)} input(s) could not be processed:\n  " + "\n  ".join(errors))
+    # -- inputs ------------------------------------------------------------------------------------------------
+    files, errors = collect_images(args.inputs)
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    palette, classes = predictor.palette, predictor.classes
+    print(f"{len(files)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
+          f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(scales) > 1 or args.tta else ''})")
+
+    # -- predict -----------------------------------------------------------------------------------------------
+    workers = args.workers if len(files) >= 2 * args.batch_size else 0  # starting workers costs more than it saves
+    loader = DataLoader(ImageFiles(files), args.batch_size, num_workers=workers, collate_fn=list)
+    used_stems: set[str] = set()
+    bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=True if len(files) < 2 else None)  # tty only
+    for batch in loader:
+        bar.update(len(batch))
+        for _, _, error in batch:
+            if error is not None:
+                errors.append(error)
+                tqdm.write(f"error: {error}", file=sys.stderr)
+        decoded = [(files[i], image) for i, image, error in batch if error is None]
+        if not decoded:
+            continue
+        tic = time.perf_counter()
+        preds = predictor.predict_batch([image for _, image in decoded])
+        seconds = (time.perf_counter() - tic) / len(decoded)
+        for (path, image), pred in zip(decoded, preds):
+            stem, n = path.stem, 1
+            while stem in used_stems:  # a.jpg from two folders: keep both
+                stem, n = f"{path.stem}-{n}", n + 1
+            used_stems.add(stem)
+            labels = pred.numpy().astype("uint8" if predictor.num_classes <= 256 else "int32")
+            colorize(labels, palette).save(out_dir / f"{stem}_mask.png")
+            overlay(image, labels, palette, classes, alpha=args.alpha).convert("RGB").save(
+                out_dir / f"{stem}_overlay.jpg", quality=90)
+            shares = sorted(enumerate(class_shares(pred, predictor.num_classes)), key=lambda kv: -kv[1])
+            summary = ", ".join(f"{classes[c]} {share:.1%}" for c, share in shares if share > 0)
+            tqdm.write(f"{path}  {image.width}x{image.height}  {seconds * 1000:.0f} ms  {summary}")
+    bar.close()
+
+    print(f"wrote {len(used_stems)} mask(s) and overlay(s) to {out_dir}/")
+    if errors:
+        sys.exit(f"{len(errors)} input(s) could not be processed:\n  " + "\n  ".join(errors))

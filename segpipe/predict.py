@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as nnf
 from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from segpipe.checkpoint import CheckpointError, load_checkpoint
+from segpipe.data import DataError, read_image
 from segpipe.models import ModelError, build_model, resize_logits
 from segpipe.transforms import EvalTransform
 
@@ -240,6 +242,22 @@ class Predictor:
                 total[:, :, top:top + th, left:left + tw] += resize_logits(self.model(tile)["out"], (th, tw))
                 count[:, :, top:top + th, left:left + tw] += 1
         return total / count
+
+
+class ImageFiles(Dataset):
+    """The input images, decoded in loader workers: (position, image, None), or (position, None, error)."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, read_image(str(self.files[i]))[0], None
+        except DataError as e:
+            return i, None, str(e)
 
 
 def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:

@@ -1,4 +1,5 @@
 """train.py and the training loop, with real processes (subprocess, torchrun, torch.multiprocessing + gloo)."""
+import os
 import signal
 import subprocess
 import sys
@@ -289,3 +290,25 @@ def test_structured_pruning_fine_tunes_through_train_py(make_dataset, tmp_path):
     assert Predictor.from_file(pruned, "cpu").predict(image).shape == (40, 56)  # the pruned widths rebuild
     wrong = train(root, tmp_path / "wrong", "train.max_steps=1", f"train.init_from={pruned}")  # default model
     assert wrong.returncode != 0 and "is a resnet50_convhead with" in wrong.stderr and "model.name" in wrong.stderr
+
+
+def test_scripts_run_with_spawned_loader_workers(make_dataset, tmp_path):
+    """macOS and Windows start DataLoader workers with spawn (Python 3.14 on Linux: forkserver), which imports
+    the entry script again in each worker: the scripts must not run their body there."""
+    (tmp_path / "spawn").mkdir()
+    (tmp_path / "spawn" / "sitecustomize.py").write_text(
+        "import multiprocessing\nmultiprocessing.set_start_method('spawn', force=True)\n")
+    env = dict(run_env(), PYTHONPATH=f"{tmp_path / 'spawn'}{os.pathsep}{REPO}")
+    root, out = make_dataset(n_train=4, n_valid=4), tmp_path / "run"
+    commands = [
+        [str(REPO / "train.py"), "--config", str(REPO / "configs/default.yaml"), *TINY, *data_args(root, out),
+         "train.max_steps=1", "data.num_workers=1"],
+        [str(REPO / "evaluate.py"), "--checkpoint", str(out / "best.pt"), "--workers", "1", "--batch-size", "2"],
+        [str(REPO / "infer.py"), str(root / "valid"), "--checkpoint", str(out / "best.pt"), "--workers", "1",
+         "--batch-size", "2", "--out", str(tmp_path / "pred")],
+    ]
+    for command in commands:
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300, env=env,
+                                cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list((tmp_path / "pred").glob("*_mask.png"))) == 4
