@@ -25,9 +25,7 @@ from segpipe.checkpoint import CheckpointError
 from segpipe.data import DataError, MaskDecoder, SegmentationDataset, load_index
 from segpipe.engine import progress
 from segpipe.metrics import ConfusionMatrix
-from segpipe.predict import Predictor, checkpoint_or_latest, resolve_device
-
-TTA_SCALES = (0.75, 1.0, 1.25)  # --tta: these input scales, each also mirrored (as in infer.py)
+from segpipe.predict import TTA_SCALES, Predictor, open_predictor, resolve_device
 
 # A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
 # again as __mp_main__: everything below runs only when the file is the program.
@@ -127,19 +125,13 @@ if __name__ == "__main__":
 
     # -- checkpoint and predictor ------------------------------------------------------------------------------
     try:
-        checkpoint, picked = checkpoint_or_latest(args.checkpoint)
-    except CheckpointError as e:
+        predictor, checkpoint, picked = open_predictor(args.checkpoint, rt.device, args.tta, args.scales,
+                                                       args.window, args.batch_size)
+    except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
         log(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
-    scales = args.scales or (TTA_SCALES if args.tta else (1.0,))
-    try:
-        predictor = Predictor.from_file(checkpoint, rt.device, flip=args.tta, scales=scales, window=args.window,
-                                        batch_size=args.batch_size)
-    except CheckpointError as e:
-        sys.exit(f"checkpoint error: {e}")
-    except ValueError as e:  # --window, --scales
-        sys.exit(f"error: {e}")
+    scales = predictor.scales
     classes, num_classes, ignore_index = predictor.classes, predictor.num_classes, predictor.ignore_index
 
     # -- data: raw uint8 images (the Predictor resizes and normalises) and full-resolution masks ------------------

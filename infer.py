@@ -17,9 +17,7 @@ from tqdm import tqdm
 
 from segpipe.checkpoint import CheckpointError
 from segpipe.data import IMAGE_EXTS, MASK_SUFFIX
-from segpipe.predict import ImageFiles, Predictor, class_shares, checkpoint_or_latest
-
-TTA_SCALES = (0.75, 1.0, 1.25)  # --tta: these input scales, each also mirrored
+from segpipe.predict import TTA_SCALES, ImageFiles, class_shares, open_predictor
 
 # A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
 # again as __mp_main__: everything below runs only when the file is the program.
@@ -68,19 +66,12 @@ if __name__ == "__main__":
 
     # -- checkpoint ------------------------------------------------------------------------------------------
     try:
-        checkpoint, picked = checkpoint_or_latest(args.checkpoint)
-    except CheckpointError as e:
+        predictor, checkpoint, picked = open_predictor(args.checkpoint, args.device, args.tta, args.scales,
+                                                       args.window, args.batch_size)
+    except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
         print(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
-    scales = args.scales or (TTA_SCALES if args.tta else (1.0,))
-    try:
-        predictor = Predictor.from_file(checkpoint, args.device, flip=args.tta, scales=scales, window=args.window,
-                                        batch_size=args.batch_size)
-    except CheckpointError as e:
-        sys.exit(f"checkpoint error: {e}")
-    except ValueError as e:  # --window, --scales
-        sys.exit(f"error: {e}")
     from segpipe.visualize import colorize, overlay  # after the checks: a wrong --checkpoint answers fast
 
     # -- inputs ------------------------------------------------------------------------------------------------
@@ -91,7 +82,7 @@ if __name__ == "__main__":
     out_dir.mkdir(parents=True, exist_ok=True)
     palette, classes = predictor.palette, predictor.classes
     print(f"{len(files)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
-          f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(scales) > 1 or args.tta else ''})")
+          f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(predictor.scales) > 1 or args.tta else ''})")
 
     # -- predict -----------------------------------------------------------------------------------------------
     workers = args.workers if len(files) >= 2 * args.batch_size else 0  # starting workers costs more than it saves

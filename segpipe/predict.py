@@ -55,6 +55,21 @@ def checkpoint_or_latest(path: str | Path | None, runs_dir: str | Path = "runs")
     return latest, True
 
 
+TTA_SCALES = (0.75, 1.0, 1.25)  # infer.py/evaluate.py --tta: these input scales, each also mirrored
+
+
+def open_predictor(checkpoint: str | None, device: torch.device | str | None, tta: bool = False,
+                   scales: Optional[Sequence[float]] = None, window: Optional[str] = None,
+                   batch_size: int = 4) -> tuple["Predictor", Path, bool]:
+    """The Predictor of infer.py and evaluate.py from their flags: (predictor, checkpoint path, whether that path
+    was picked for the user as the newest runs/*/best.pt). Raises CheckpointError or ValueError (a bad
+    --window or --scales) with the message for the user."""
+    path, picked = checkpoint_or_latest(checkpoint)
+    scales = scales or (TTA_SCALES if tta else (1.0,))
+    predictor = Predictor.from_file(path, device, flip=tta, scales=scales, window=window, batch_size=batch_size)
+    return predictor, path, picked
+
+
 def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
     """The model (in eval mode, on device) and metadata of a segpipe checkpoint or a compressed artefact.
 
