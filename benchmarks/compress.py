@@ -27,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.hardware import describe  # noqa: E402
 from segpipe.compress.artefact import (Bf16Autocast, build_float_model, compressed_checkpoint,  # noqa: E402
                                        model_from_checkpoint, read_checkpoint, write_checkpoint)
 from segpipe.compress.int8 import load_int8, quantize_int8, save_int8  # noqa: E402
@@ -206,8 +207,8 @@ def main() -> None:
     """Build every variant, time them interleaved, score them on the valid images, print the table."""
     args = parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs visible, "
-          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    print(describe(), flush=True)
+    print(f"# {args.threads} threads", flush=True)
     model, checkpoint = load_float(args)
     with tempfile.TemporaryDirectory(prefix="segpipe-compress-bench-") as folder:
         variants = build_variants(model, checkpoint, args, Path(folder))

@@ -7,7 +7,6 @@ workers; then the peak memory of the main process and 2 workers iterating 2,000 
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.hardware import describe  # noqa: E402
 from segpipe.config import load_config  # noqa: E402
 from segpipe.data import FileIndex, MaskDecoder, SegmentationDataset, load_index  # noqa: E402
 from segpipe.transforms import BlurNormalizeBatch, RandomScaleCrop, ToNormalizedFloat, train_transform  # noqa: E402
@@ -162,8 +162,8 @@ def main() -> None:
     ours = SegmentationDataset(index, decoder, train_transform(cfg))
     deferred = SegmentationDataset(index, decoder, train_transform(cfg, blur_on_device=True))
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{cfg.root}, crop {cfg.crop_size}, scale {cfg.scale_range}, blur p={cfg.blur_prob}, 1 thread per process")
+    print(describe())
+    print(f"# {cfg.root}, crop {cfg.crop_size}, scale {cfg.scale_range}, blur p={cfg.blur_prob}, 1 thread per process")
     pipelines = {"decode only (floor)": floor, "naive stock v2 (full image)": naive, "segpipe train pipeline": ours,
                  "segpipe, workers' part with data.augment_on=device": deferred}
     for ds in pipelines.values():

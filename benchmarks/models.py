@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import segmentation as tv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.hardware import describe  # noqa: E402
 from segpipe.convhead import build_resnet50_convhead  # noqa: E402
 from segpipe.unet import build_unet  # noqa: E402
 
@@ -40,17 +40,6 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet50_convhead": lambda: build_resnet50_convhead(NUM_CLASSES),
     "resnet50_convhead_os16": lambda: build_resnet50_convhead(NUM_CLASSES, output_stride=16),
 }
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def count_gflops(model: nn.Module, x: torch.Tensor) -> float:
@@ -113,7 +102,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(1, 3, *args.size)
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible; load average {os.getloadavg()[0]:.1f})")
+    print(describe())
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}")
     print(f"input 1x3x{args.size[0]}x{args.size[1]}, eval, no_grad, fp32, {NUM_CLASSES} classes, random init; "
           f"latency = median of {args.repeats} rounds "

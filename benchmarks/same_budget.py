@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.hardware import describe  # noqa: E402
 from benchmarks.train_step import make_step  # noqa: E402
 from segpipe.config import load_config  # noqa: E402
 from segpipe.data import load_index  # noqa: E402
@@ -131,7 +131,8 @@ def main() -> None:
         lines.append(f"| {model_name} | {loss} | {record['step_s']:.2f} | {record['epochs']} | {train_min} | "
                      f"{100 * metrics['miou']:.1f} | {small} | {ms:.0f} |")
     table = "\n".join(lines)
-    print(f"\n{os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads, budget {args.budget_min:g} min/run, "
+    print("\n" + describe())
+    print(f"{torch.get_num_threads()} threads, budget {args.budget_min:g} min/run, "
           f"IoU in % on CamVid valid (full-resolution masks), latency at batch 1, "
           f"{'x'.join(map(str, cfg.data.eval_size or [360, 480]))}, fp32\n{table}")
     (out / "table.md").write_text(table + "\n")

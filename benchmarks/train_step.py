@@ -5,8 +5,6 @@ Images/s of one optimizer step (forward, loss with the auxiliary head, backward,
 after one warm-up step. The settings are interleaved, so machine noise hits them alike.
 """
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -15,18 +13,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.hardware import describe  # noqa: E402
 from segpipe.distributed import cpu_supports_bf16  # noqa: E402
 from segpipe.losses import SegmentationLoss  # noqa: E402
 from segpipe.models import build_model  # noqa: E402
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, or what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def make_step(model_name: str, channels_last: bool, bf16: bool, batch: int, size: tuple[int, int],
@@ -71,8 +61,9 @@ def main() -> None:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
+    print(describe())
     print(f"# {args.model}, batch {args.batch}, {args.size[0]}x{args.size[1]}, {args.threads} threads, "
-          f"{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}, median of {args.steps} steps")
+          f"median of {args.steps} steps")
     print("\n| setting | s/step | images/s | vs fp32 |")
     print("|---|---:|---:|---:|")
     base = statistics.median(times["fp32"])
