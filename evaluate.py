@@ -45,6 +45,9 @@ if __name__ == "__main__":
     parser.add_argument("--failures", type=int, default=6, help="how many worst images to draw in failures/")
     parser.add_argument("--skip-unpaired", action="store_true", help="score only the images that have a mask")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
+    parser.add_argument("--trust-artefact", action="store_true",
+                        help="allow an int8 .pt2 --checkpoint: loading one can run code stored in it, so use only "
+                             "files you made with `python -m segpipe.compress quantize`")
     args = parser.parse_args()
     if args.batch_size < 1 or args.workers < 0:
         sys.exit(f"error: --batch-size must be 1 or more and --workers 0 or more "
@@ -126,7 +129,7 @@ if __name__ == "__main__":
     # -- checkpoint and predictor ------------------------------------------------------------------------------
     try:
         predictor, checkpoint, picked = open_predictor(args.checkpoint, rt.device, args.tta, args.scales,
-                                                       args.window, args.batch_size)
+                                                       args.window, args.batch_size, args.trust_artefact)
     except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:

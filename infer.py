@@ -34,6 +34,9 @@ if __name__ == "__main__":
     parser.add_argument("--window", help="tile size HxW for images much larger than the training crops, or 'auto' "
                                          "(the training crop size); default: the whole image in one pass")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
+    parser.add_argument("--trust-artefact", action="store_true",
+                        help="allow an int8 .pt2 --checkpoint: loading one can run code stored in it, so use only "
+                             "files you made with `python -m segpipe.compress quantize`")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay")
     parser.add_argument("--batch-size", type=int, default=4, help="images of the same size per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="processes decoding the next images while the model "
@@ -67,7 +70,7 @@ if __name__ == "__main__":
     # -- checkpoint ------------------------------------------------------------------------------------------
     try:
         predictor, checkpoint, picked = open_predictor(args.checkpoint, args.device, args.tta, args.scales,
-                                                       args.window, args.batch_size)
+                                                       args.window, args.batch_size, args.trust_artefact)
     except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
