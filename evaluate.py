@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from segpipe import distributed as dist_utils
 from segpipe.checkpoint import CheckpointError
-from segpipe.data import DataError, MaskDecoder, SegmentationDataset, load_index
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, load_index, worker_message
 from segpipe.engine import progress
 from segpipe.metrics import ConfusionMatrix
+from segpipe.outputs import OutputError, prepare_dir
 from segpipe.predict import TTA_SCALES, Predictor, open_predictor, resolve_device
 
 # A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
@@ -59,14 +60,6 @@ if __name__ == "__main__":
         cm = ConfusionMatrix(num_classes, ignore_index)
         cm.update(mask, pred)
         return cm.compute()["miou"] if cm.matrix.sum() > 0 else math.nan
-
-
-    def loader_message(e: Exception) -> str:
-        """The user-facing line of an error raised in a DataLoader worker (which appends the worker's traceback)."""
-        text = str(e).strip()
-        if "Original Traceback" in text:
-            text = text.splitlines()[-1].split(": ", 1)[-1]
-        return text
 
 
     def report_table(metrics: dict, classes: list[str]) -> str:
@@ -134,6 +127,10 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     if picked:
         log(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
+    try:  # before the evaluation, so an unwritable --out does not throw the scores away
+        out_dir = prepare_dir(args.out or Path(checkpoint).parent / f"eval_{args.split}", "--out")
+    except OutputError as e:
+        sys.exit(f"error: {e}")
     scales = predictor.scales
     classes, num_classes, ignore_index = predictor.classes, predictor.num_classes, predictor.ignore_index
 
@@ -169,7 +166,7 @@ if __name__ == "__main__":
                 cm.update(mask, pred)
                 per_image[next(order)] = image_miou(mask, pred, num_classes, ignore_index)
     except DataError as e:
-        failure = f"data error: {loader_message(e)}\n(the checkpoint predicts {num_classes} classes: " \
+        failure = f"data error: {worker_message(e)}\n(the checkpoint predicts {num_classes} classes: " \
                   f"{', '.join(classes)}; is {data_root} the data set it was trained on?)"
     # Every rank reaches this collective, failed or not, so none waits forever on a peer that stopped.
     failed, seconds = dist_utils.all_reduce_max([float(failure is not None), time.perf_counter() - tic], rt.device)
@@ -183,8 +180,6 @@ if __name__ == "__main__":
     # -- report (rank 0) ---------------------------------------------------------------------------------------------
     if rt.is_main:
         metrics = cm.compute()
-        out_dir = Path(args.out) if args.out else Path(checkpoint).parent / f"eval_{args.split}"
-        out_dir.mkdir(parents=True, exist_ok=True)
         names = [n.decode() for n in index.names]
         log(report_table(metrics, classes))
         if metrics["absent_classes"]:

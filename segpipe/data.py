@@ -251,6 +251,14 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
 
 
+def worker_message(error: Exception) -> str:
+    """The user's line of an error raised in a DataLoader worker, without the worker traceback PyTorch appends."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # "Caught DataError in DataLoader worker process 0. Original Traceback ..."
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def read_mask(path: str, decoder: MaskDecoder) -> np.ndarray:
     """Decode and validate a mask file into class indices."""
     try:

@@ -4,6 +4,7 @@ import builtins
 import io
 import json
 import pickle
+import runpy
 import subprocess
 import sys
 import zipfile
@@ -146,3 +147,61 @@ def test_pt2_is_refused_without_trust_and_says_why(tmp_path):
     assert "run anything" in str(info.value) and "\n" not in str(info.value)
     model, meta = load_artefact(tmp_path / "plain.pt2", trust=True, compile=False)  # a genuine file still loads
     assert meta["num_classes"] == 3 and model(torch.zeros(1, 3, 4, 4)).shape == (1, 3, 4, 4)
+
+
+# -- 2. infer.py never destroys ground truth or earlier predictions ---------------------------------------------------
+
+
+def run_in_process(script: str, argv: list, cwd: Path, monkeypatch) -> None:
+    """An entry script in this process, as `python script argv...` from cwd would run it."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    runpy.run_path(str(REPO / script), run_name="__main__")
+
+
+def exit_message(script: str, argv: list, cwd: Path, monkeypatch) -> str:
+    """The one-line message the script exits with; a traceback instead fails the test."""
+    with pytest.raises(SystemExit) as info:
+        run_in_process(script, argv, cwd, monkeypatch)
+    assert isinstance(info.value.code, str), f"expected an exit message, got {info.value.code!r}"
+    assert "\n" not in info.value.code.strip(), info.value.code
+    return info.value.code
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_infer_refuses_to_write_into_a_data_split(data, tmp_path):
+    root, ckpt = data
+    before = snapshot(root / "valid")
+    result = run("infer.py", root / "valid", "--checkpoint", ckpt, "--out", root / "valid", cwd=tmp_path)
+    assert_one_line_error(result, str(root / "valid"), "ground truth")
+    assert snapshot(root / "valid") == before  # no mask replaced, no overlay added
+
+
+def test_infer_refuses_an_out_below_a_data_split(data, tmp_path, monkeypatch):
+    root, ckpt = data
+    message = exit_message("infer.py", [root / "valid" / "img000.jpg", "--checkpoint", ckpt,
+                                        "--out", root / "valid" / "preds"], tmp_path, monkeypatch)
+    assert "inside the data folder" in message and not (root / "valid" / "preds").exists()
+
+
+def test_infer_replaces_only_its_own_predictions_and_only_with_overwrite(data, tmp_path, monkeypatch):
+    root, ckpt = data
+    out = tmp_path / "out"
+    images = [root / "valid" / "img000.jpg", root / "valid" / "img001.jpg"]
+    run_in_process("infer.py", [*images, "--checkpoint", ckpt, "--out", out, "--workers", 0], tmp_path, monkeypatch)
+    first = snapshot(out)
+    assert sorted(first) == ["img000_mask.png", "img000_overlay.jpg", "img001_mask.png", "img001_overlay.jpg"]
+    message = exit_message("infer.py", [*images, "--checkpoint", ckpt, "--out", out], tmp_path, monkeypatch)
+    assert "--overwrite" in message and snapshot(out) == first
+    run_in_process("infer.py", [*images, "--checkpoint", ckpt, "--out", out, "--overwrite", "--workers", 0],
+                   tmp_path, monkeypatch)
+    # A file of the user's under an output name is never replaced, --overwrite or not.
+    Image.fromarray(np.zeros(SIZE, np.uint8)).save(out / "img001_mask.png")
+    users = (out / "img001_mask.png").read_bytes()
+    message = exit_message("infer.py", [*images, "--checkpoint", ckpt, "--out", out, "--overwrite"],
+                           tmp_path, monkeypatch)
+    assert "img001_mask.png" in message and "not written by infer.py" in message
+    assert (out / "img001_mask.png").read_bytes() == users
