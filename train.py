@@ -303,7 +303,7 @@ if __name__ == "__main__":
         log(f"error: {e}")
         exit_code = 1
     except DataError as e:
-        print(f"data error on rank {rt.rank}: {worker_message(e)}", file=sys.stderr)
+        dist_utils.report_failure(f"data error on rank {rt.rank}: {worker_message(e)}")
         exit_code = 1
     except CheckpointError as e:  # a full disk or a vanished output_dir while saving
         print(f"error: {e}", file=sys.stderr)

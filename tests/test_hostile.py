@@ -205,3 +205,107 @@ def test_infer_replaces_only_its_own_predictions_and_only_with_overwrite(data, t
                            tmp_path, monkeypatch)
     assert "img001_mask.png" in message and "not written by infer.py" in message
     assert (out / "img001_mask.png").read_bytes() == users
+
+
+# -- 3. upper-case extensions, 9. non-UTF-8 names, 10. 16-bit images, 11. EXIF orientation --------------------------
+
+
+def colour_of(mask: np.ndarray) -> np.ndarray:
+    """The image write_pair draws for a mask: each class its own colour, so alignment can be checked."""
+    mask = mask.astype(np.int64)
+    return np.stack([mask * 40 % 256, 255 - mask * 60 % 256, mask * 90 % 256], -1).astype(np.uint8)
+
+
+def test_upper_case_extensions_open_the_real_files(tmp_path):
+    from segpipe.data import MaskDecoder, SegmentationDataset, load_index
+    mask = random_mask(np.random.default_rng(0), *SIZE, 3)
+    split = tmp_path / "data" / "train"
+    split.mkdir(parents=True)
+    Image.fromarray(colour_of(mask)).save(split / "CAM1.JPG", format="JPEG")
+    Image.fromarray(mask.astype(np.uint8)).save(split / "CAM1_mask.PNG", format="PNG")  # a mask, not an image
+    write_pair(split, "cam2", mask, ext=".jpeg")
+    index = load_index(str(tmp_path / "data"), "train")
+    assert [n.decode() for n in index.names] == ["CAM1", "cam2"]
+    assert index.paths(0) == (str(split / "CAM1.JPG"), str(split / "CAM1_mask.PNG"))
+    dataset = SegmentationDataset(index, MaskDecoder(3, 255))
+    for i in range(2):
+        image, labels = dataset.load(i)
+        assert np.array_equal(labels.numpy(), mask)
+
+
+def test_a_name_that_is_not_utf8_is_skipped_with_a_warning(tmp_path):
+    from segpipe.data import load_index
+    split = tmp_path / "data" / "train"
+    write_pair(split, "good", np.zeros(SIZE, np.int64))
+    with open(bytes(split) + b"/caf\xe9.jpg", "wb") as f:  # a Latin-1 name, as old cameras and zips write
+        f.write((split / "good.jpg").read_bytes())
+    with pytest.warns(UserWarning, match=r"caf\\xe9\.jpg.*not valid UTF-8"):
+        index = load_index(str(tmp_path / "data"), "train")
+    assert [n.decode() for n in index.names] == ["good"]
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_white(tmp_path):
+    from segpipe.data import read_image
+    ramp = np.linspace(0, 65535, 64 * 32).reshape(32, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "depth.png")
+    assert Image.open(tmp_path / "depth.png").mode.startswith("I;16")
+    image, _ = read_image(str(tmp_path / "depth.png"))
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and pixels[..., 0].min() == 0 and pixels[..., 0].max() == 255
+    assert np.abs(pixels[..., 0].astype(int) - np.rint(ramp / 257)).max() <= 1  # the same picture, in 8 bits
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+@pytest.mark.parametrize("decode_size", [None, (8, 12)])
+def test_exif_orientation_is_applied_so_masks_drawn_on_the_shown_view_align(tmp_path, orientation, decode_size):
+    """A camera stores the pixels sideways (6: turn 90 degrees clockwise to show) or upside down (3) and flags it;
+    the mask was drawn on the shown view. Both the full decode and the reduced JPEG draft must align."""
+    from segpipe.data import MaskDecoder, SegmentationDataset, load_index
+    shown = np.kron(np.array([[0, 1, 2], [1, 2, 0]]), np.ones((24, 16), np.int64))  # 48x48, blocks of 24x16
+    shown = np.concatenate([shown, np.full((16, 48), 2)])  # 64 high x 48 wide: not square, so a turn matters
+    stored = np.rot90(shown, 1) if orientation == 6 else np.rot90(shown, 2)  # what the camera wrote
+    split = tmp_path / "data" / "train"
+    split.mkdir(parents=True)
+    picture = Image.fromarray(colour_of(stored))
+    exif = picture.getexif()
+    exif[0x0112] = orientation
+    picture.save(split / "photo.jpg", exif=exif, quality=95)
+    Image.fromarray(shown.astype(np.uint8)).save(split / "photo_mask.png")
+    dataset = SegmentationDataset(load_index(str(tmp_path / "data"), "train"), MaskDecoder(3, 255),
+                                  decode_size=decode_size)
+    image, mask = dataset.load(0)
+    assert image.shape[1:] == mask.shape
+    expected = colour_of(mask.numpy()).astype(int)
+    got = image.permute(1, 2, 0).numpy().astype(int)
+    # Interior pixels match the colour of their class (JPEG blurs edges; a wrong turn would miss by ~100).
+    assert np.median(np.abs(got - expected)) < 8
+
+
+# -- 4. config values -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lr=-1", "train.lr"), ("train.lr=0", "train.lr"), ("train.batch_size=0", "train.batch_size"),
+    ("train.accum_steps=0", "train.accum_steps"), ("data.crop_size=[0,0]", "data.crop_size"),
+    ("data.crop_size=[32]", "data.crop_size"), ("data.scale_range=[2.0,0.5]", "data.scale_range"),
+    ("data.scale_range=[0,1]", "data.scale_range"), ("train.class_weights=[1,2]", "2 weights but there are 3"),
+    ("train.class_weights=median", "median_freq"), ("train.epochs=0", "train.epochs"),
+    ("train.lr=[1", "not valid YAML"),
+])
+def test_bad_config_values_are_one_config_error(override, words):
+    from segpipe.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(REPO / "configs/default.yaml", ["data.classes=[a,b,c]", override])
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_train_reports_config_errors_before_touching_data(tmp_path):
+    """A YAML syntax error in the file, and a bad value: one `config error:` line, although data.root is missing
+    (so they are checked before the data)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  lr: 0.01\n   epochs: 2\n")
+    result = run("train.py", "--config", broken, cwd=tmp_path)
+    assert_one_line_error(result, "config error:", "broken.yaml", "line 3")
+    result = run("train.py", "--config", REPO / "configs/default.yaml", "train.accum_steps=0",
+                 f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert_one_line_error(result, "config error:", "train.accum_steps=0")
