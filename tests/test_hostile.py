@@ -3,6 +3,7 @@ genuine files load, and every mistake is one line naming the file or value (no t
 import builtins
 import io
 import json
+import os
 import pickle
 import runpy
 import subprocess
@@ -31,7 +32,8 @@ def run(script: str, *args, cwd: Path, timeout: int = 180) -> subprocess.Complet
 
 
 def last_line(result: subprocess.CompletedProcess) -> str:
-    lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+    """The last line of stderr (where errors go), else of stdout."""
+    lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
@@ -309,3 +311,220 @@ def test_train_reports_config_errors_before_touching_data(tmp_path):
     result = run("train.py", "--config", REPO / "configs/default.yaml", "train.accum_steps=0",
                  f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert_one_line_error(result, "config error:", "train.accum_steps=0")
+
+
+# -- 5. resume from a bad last.pt -----------------------------------------------------------------------------------
+
+
+TINY = ["model.name=lraspp_mobilenet_v3_large", "data.crop_size=[32,32]", "train.batch_size=2", "data.num_workers=0",
+        "train.amp=none", "train.warmup_steps=1", "train.num_vis=0", "data.classes=[a,b,c]"]
+
+
+def train_args(root: Path, out: Path, *extra) -> list:
+    return ["--config", REPO / "configs/default.yaml", *TINY, f"data.root={root}", f"output_dir={out}", *extra]
+
+
+def test_resume_from_a_corrupt_or_foreign_last_pt_is_one_model_error(data, tmp_path, monkeypatch):
+    root, _ = data
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    message = exit_message("train.py", train_args(root, out, "train.resume=auto"), tmp_path, monkeypatch)
+    assert message.startswith("model error:") and "last.pt" in message and "delete" in message
+    tiny_checkpoint(out / "last.pt", num_classes=5)  # another run's model: 5 classes
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt.update(optimizer={}, scheduler={}, scaler={}, epoch=1, step=2, batches_done=0, best_miou=0.1)
+    torch.save(ckpt, out / "last.pt")
+    message = exit_message("train.py", train_args(root, out, "train.resume=auto"), tmp_path, monkeypatch)
+    assert message.startswith("model error:") and "holds a lraspp_mobilenet_v3_large with 5 classes" in message
+    assert "with 3 classes" in message and "output_dir" in message and len(message) < 600
+
+
+# -- 6. output paths are checked first; a full disk is one line and loses nothing --------------------------------------
+
+
+def test_outputs_that_are_files_fail_at_once(data, tmp_path, monkeypatch):
+    root, ckpt = data
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    message = exit_message("train.py", train_args(root, blocker), tmp_path, monkeypatch)
+    assert message.startswith("config error:") and "output_dir" in message and "is a file" in message
+    for script, argv in (("infer.py", [root / "valid" / "img000.jpg", "--checkpoint", ckpt]),
+                         ("evaluate.py", ["--checkpoint", ckpt, "--data-root", root])):
+        message = exit_message(script, [*argv, "--out", blocker], tmp_path, monkeypatch)
+        assert "--out" in message and "is a file" in message
+    from segpipe.compress.__main__ import main
+    with pytest.raises(SystemExit, match="is a file"):
+        main(["quantize", "--checkpoint", str(ckpt), "--dtype", "bf16", "--out", str(blocker / "bf16.pth")])
+    assert blocker.read_text() == "mine"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write to: permission bits for a normal user; a read-only mount for root."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("root without permission to mount a read-only tmpfs")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_outputs_fail_at_once(data, tmp_path, monkeypatch, read_only_dir):
+    root, ckpt = data
+    message = exit_message("infer.py", [root / "valid" / "img000.jpg", "--checkpoint", ckpt, "--out",
+                                        read_only_dir / "pred"], tmp_path, monkeypatch)
+    assert "--out" in message and "cannot be written" in message
+    from segpipe.compress.__main__ import main
+    with pytest.raises(SystemExit, match="cannot be written"):
+        main(["quantize", "--checkpoint", str(ckpt), "--out", str(read_only_dir / "q.pt2")])
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB file system (tmpfs, needs root), else skip: the in-process ENOSPC test below always runs."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)]).returncode:
+        pytest.skip("a real full disk needs root to mount a small tmpfs")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_removes_the_partial_file(tiny_disk):
+    from segpipe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    path = tiny_disk / "last.pt"
+    save_checkpoint({"format": "segpipe-checkpoint", "v": torch.ones(3)}, path)
+    with pytest.raises(CheckpointError, match="no space left on device"):
+        save_checkpoint({"format": "segpipe-checkpoint", "v": torch.zeros(1_000_000)}, path)  # 4 MB
+    assert torch.equal(load_checkpoint(path)["v"], torch.ones(3))
+    assert [p.name for p in tiny_disk.iterdir()] == ["last.pt"]
+
+
+def test_train_ends_with_no_space_left_on_device(data, tmp_path, monkeypatch, capsys):
+    """The last line of train.py names the full disk (faked here: os.fsync raises ENOSPC), no traceback."""
+    import errno
+    root, _ = data
+    out = tmp_path / "run"
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(SystemExit) as info:
+        run_in_process("train.py", train_args(root, out, "train.epochs=1"), tmp_path, monkeypatch)
+    assert info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no space left on device" in last and "last.pt" in last
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".pt", ".tmp")) == []
+
+
+def test_a_temp_file_left_by_a_kill_is_removed_at_the_next_save(tmp_path):
+    from segpipe.checkpoint import save_checkpoint
+    leftover = tmp_path / ".last.pt.1234.abcd.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    (tmp_path / ".best.pt.1234.abcd.tmp").write_bytes(b"not this save's")
+    save_checkpoint({"format": "segpipe-checkpoint"}, tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.pt.1234.abcd.tmp", "last.pt"]
+
+
+# -- 7. a corrupt mask on the median_freq path ------------------------------------------------------------------------
+
+
+def test_median_freq_weights_with_a_bad_mask_is_a_data_error(data, tmp_path, monkeypatch):
+    root, _ = data
+    bad = tmp_path / "bad"
+    for split in ("train", "valid"):
+        write_pair(bad / split, "a", np.zeros(SIZE, np.int64))
+        write_pair(bad / split, "b", np.full(SIZE, 7))  # 7: outside the 3 classes
+    message = exit_message("train.py", train_args(bad, tmp_path / "run", "train.class_weights=median_freq"),
+                           tmp_path, monkeypatch)
+    assert message.startswith("data error:") and "b_mask.png" in message and "[7]" in message
+
+
+# -- 8. errors inside loader workers ---------------------------------------------------------------------------------
+
+
+def test_worker_message_keeps_only_the_users_line():
+    from segpipe.data import DataError, worker_message
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        "  File \"x.py\", line 1, in f\nsegpipe.data.DataError: /d/a.jpg: cannot decode the image")
+    assert worker_message(wrapped) == "/d/a.jpg: cannot decode the image"
+    assert worker_message(DataError("/d/a.jpg: plain")) == "/d/a.jpg: plain"
+
+
+def broken_data(base: Path) -> Path:
+    rng = np.random.default_rng(1)
+    for split in ("train", "valid"):
+        for i in range(2):
+            write_pair(base / split, f"img{i:03d}", random_mask(rng, *SIZE, 3))
+    (base / "train" / "img001.jpg").write_bytes(b"broken")
+    return base
+
+
+def test_a_worker_error_in_train_is_the_last_line_without_the_worker_traceback(tmp_path):
+    root = broken_data(tmp_path / "data")
+    result = run("train.py", *train_args(root, tmp_path / "run", "data.num_workers=1", "train.epochs=1"),
+                 cwd=tmp_path)
+    assert_one_line_error(result, "data error on rank 0:", "img001.jpg: cannot decode the image")
+    assert "Caught DataError" not in result.stderr and "Original Traceback" not in result.stderr
+
+
+def test_under_torchrun_the_failing_ranks_line_ends_the_output_once(tmp_path, free_port):
+    root = broken_data(tmp_path / "data")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port}"]
+    result = subprocess.run([sys.executable, *launcher, str(REPO / "train.py"),
+                             *map(str, train_args(root, tmp_path / "run", "data.num_workers=1", "train.epochs=1",
+                                                  "train.batch_size=1"))],
+                            cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    lines = [line.strip() for line in output.splitlines() if line.strip() and set(line.strip()) != {"="}]
+    # torchrun's failure summary ends with the root cause: our line, not "To enable traceback see ...".
+    assert "img001.jpg: cannot decode the image" in lines[-1] and "data error on rank" in lines[-1]
+    printed = [line for line in lines[:-1] if "img001.jpg: cannot decode" in line]
+    assert len(printed) == 1 and printed[0].startswith("data error on rank")  # once, by the failing rank
+    assert "Caught DataError" not in output
+
+
+# -- 12. compress: option values, int8 artefacts where a checkpoint is expected, file permissions ------------------------
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["prune", "--sparsity", "1.5", "--out", "p.pth"], "--sparsity 1.5"),
+    (["prune", "--sparsity", "-0.1", "--out", "p.pth"], "--sparsity -0.1"),
+    (["quantize", "--calib-images", "0", "--out", "q.pt2"], "--calib-images 0"),
+])
+def test_compress_option_errors_are_one_line(data, tmp_path, argv, words):
+    from segpipe.compress.__main__ import main
+    with pytest.raises(SystemExit) as info:
+        main([*argv[:1], "--checkpoint", str(data[1]), *argv[1:]])
+    assert words in str(info.value.code) and "\n" not in str(info.value.code)
+
+
+def test_an_int8_artefact_where_a_checkpoint_belongs_is_named_as_such(data, tmp_path):
+    from segpipe.compress.__main__ import main
+    artefact = crafted_pt2(tmp_path / "int8.pt2", tmp_path / "marker", "none")  # a genuine torch.export archive
+    renamed = tmp_path / "int8.pt"
+    renamed.write_bytes(artefact.read_bytes())
+    for path, words in ((artefact, "is an int8 artefact"), (renamed, "renamed to .pt")):
+        with pytest.raises(SystemExit) as info:
+            main(["prune", "--checkpoint", str(path), "--out", str(tmp_path / "p.pth")])
+        assert words in info.value.code and "corrupt" not in info.value.code and "damaged" not in info.value.code
+
+
+def test_checkpoints_get_the_permissions_of_other_outputs(tmp_path):
+    from segpipe.checkpoint import save_checkpoint
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"format": "segpipe-checkpoint"}, tmp_path / "last.pt")
+        (tmp_path / "config.yaml").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644
