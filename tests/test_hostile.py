@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import runpy
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -359,6 +360,14 @@ def test_outputs_that_are_files_fail_at_once(data, tmp_path, monkeypatch):
     assert blocker.read_text() == "mine"
 
 
+def can_mount(folder: Path, options: str) -> bool:
+    """Mount a tmpfs with these options on folder; False where this root may not (containers, no mount tool)."""
+    if shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A folder nobody can write to: permission bits for a normal user; a read-only mount for root."""
@@ -369,7 +378,7 @@ def read_only_dir(tmp_path):
         yield folder
         folder.chmod(0o755)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)]).returncode != 0:
+    if not can_mount(folder, "ro,size=64k"):
         pytest.skip("root without permission to mount a read-only tmpfs")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
@@ -390,7 +399,7 @@ def tiny_disk(tmp_path):
     """A 1 MiB file system (tmpfs, needs root), else skip: the in-process ENOSPC test below always runs."""
     folder = tmp_path / "disk"
     folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)]).returncode:
+    if os.geteuid() != 0 or not can_mount(folder, "size=1m"):
         pytest.skip("a real full disk needs root to mount a small tmpfs")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
