@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from segpipe import distributed as dist_utils
 from segpipe.checkpoint import CheckpointError
-from segpipe.data import DataError, MaskDecoder, SegmentationDataset, load_index
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, load_index, worker_message
 from segpipe.engine import progress
 from segpipe.metrics import ConfusionMatrix
+from segpipe.outputs import OutputError, prepare_dir
 from segpipe.predict import TTA_SCALES, Predictor, open_predictor, resolve_device
 
 # A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
@@ -45,6 +46,9 @@ if __name__ == "__main__":
     parser.add_argument("--failures", type=int, default=6, help="how many worst images to draw in failures/")
     parser.add_argument("--skip-unpaired", action="store_true", help="score only the images that have a mask")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
+    parser.add_argument("--trust-artefact", action="store_true",
+                        help="allow an int8 .pt2 --checkpoint: loading one can run code stored in it, so use only "
+                             "files you made with `python -m segpipe.compress quantize`")
     args = parser.parse_args()
     if args.batch_size < 1 or args.workers < 0:
         sys.exit(f"error: --batch-size must be 1 or more and --workers 0 or more "
@@ -56,14 +60,6 @@ if __name__ == "__main__":
         cm = ConfusionMatrix(num_classes, ignore_index)
         cm.update(mask, pred)
         return cm.compute()["miou"] if cm.matrix.sum() > 0 else math.nan
-
-
-    def loader_message(e: Exception) -> str:
-        """The user-facing line of an error raised in a DataLoader worker (which appends the worker's traceback)."""
-        text = str(e).strip()
-        if "Original Traceback" in text:
-            text = text.splitlines()[-1].split(": ", 1)[-1]
-        return text
 
 
     def report_table(metrics: dict, classes: list[str]) -> str:
@@ -126,11 +122,15 @@ if __name__ == "__main__":
     # -- checkpoint and predictor ------------------------------------------------------------------------------
     try:
         predictor, checkpoint, picked = open_predictor(args.checkpoint, rt.device, args.tta, args.scales,
-                                                       args.window, args.batch_size)
+                                                       args.window, args.batch_size, args.trust_artefact)
     except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
         log(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
+    try:  # before the evaluation, so an unwritable --out does not throw the scores away
+        out_dir = prepare_dir(args.out or Path(checkpoint).parent / f"eval_{args.split}", "--out")
+    except OutputError as e:
+        sys.exit(f"error: {e}")
     scales = predictor.scales
     classes, num_classes, ignore_index = predictor.classes, predictor.num_classes, predictor.ignore_index
 
@@ -166,7 +166,7 @@ if __name__ == "__main__":
                 cm.update(mask, pred)
                 per_image[next(order)] = image_miou(mask, pred, num_classes, ignore_index)
     except DataError as e:
-        failure = f"data error: {loader_message(e)}\n(the checkpoint predicts {num_classes} classes: " \
+        failure = f"data error: {worker_message(e)}\n(the checkpoint predicts {num_classes} classes: " \
                   f"{', '.join(classes)}; is {data_root} the data set it was trained on?)"
     # Every rank reaches this collective, failed or not, so none waits forever on a peer that stopped.
     failed, seconds = dist_utils.all_reduce_max([float(failure is not None), time.perf_counter() - tic], rt.device)
@@ -180,8 +180,6 @@ if __name__ == "__main__":
     # -- report (rank 0) ---------------------------------------------------------------------------------------------
     if rt.is_main:
         metrics = cm.compute()
-        out_dir = Path(args.out) if args.out else Path(checkpoint).parent / f"eval_{args.split}"
-        out_dir.mkdir(parents=True, exist_ok=True)
         names = [n.decode() for n in index.names]
         log(report_table(metrics, classes))
         if metrics["absent_classes"]:

@@ -3,6 +3,9 @@
 For each image writes OUT/NAME_mask.png (the class index of every pixel, as a palette PNG: viewers show the
 class colours, programs read the indices) and OUT/NAME_overlay.jpg (the image blended with the class colours,
 with a legend of the classes present), and prints each class's share of the image and the time taken.
+Files it writes are marked (segpipe.outputs.PREDICTION_TAG): it never replaces a file it did not write, replaces
+its own earlier predictions only with --overwrite, and refuses an --out inside a data folder (NAME_mask.png is
+also the name of the ground truth there).
 Without --checkpoint it uses the best checkpoint of the latest training run (the newest runs/*/best.pt).
 The predictions are those evaluate.py scores: both go through segpipe.predict.Predictor.
 """
@@ -17,6 +20,7 @@ from tqdm import tqdm
 
 from segpipe.checkpoint import CheckpointError
 from segpipe.data import IMAGE_EXTS, MASK_SUFFIX
+from segpipe.outputs import OutputError, is_prediction, prepare_dir, save_prediction, split_folder_holding
 from segpipe.predict import TTA_SCALES, ImageFiles, class_shares, open_predictor
 
 # A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
@@ -27,6 +31,7 @@ if __name__ == "__main__":
     parser.add_argument("--checkpoint", help="a best.pt/last.pt of train.py or a compressed artefact "
                                              "(default: the newest runs/*/best.pt)")
     parser.add_argument("--out", default="predictions", help="folder for NAME_mask.png and NAME_overlay.jpg")
+    parser.add_argument("--overwrite", action="store_true", help="replace predictions an earlier run wrote to --out")
     parser.add_argument("--tta", action="store_true", help=f"test-time augmentation: horizontal flip and scales "
                                                            f"{', '.join(map(str, TTA_SCALES))} (about 6x slower)")
     parser.add_argument("--scales", type=float, nargs="+", help="input scales for multi-scale prediction "
@@ -34,6 +39,9 @@ if __name__ == "__main__":
     parser.add_argument("--window", help="tile size HxW for images much larger than the training crops, or 'auto' "
                                          "(the training crop size); default: the whole image in one pass")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
+    parser.add_argument("--trust-artefact", action="store_true",
+                        help="allow an int8 .pt2 --checkpoint: loading one can run code stored in it, so use only "
+                             "files you made with `python -m segpipe.compress quantize`")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay")
     parser.add_argument("--batch-size", type=int, default=4, help="images of the same size per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="processes decoding the next images while the model "
@@ -51,7 +59,7 @@ if __name__ == "__main__":
             path = Path(item)
             if path.is_dir():
                 matches = [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                           and not p.name.endswith(MASK_SUFFIX)]  # a data folder holds masks next to images
+                           and not p.name.lower().endswith(MASK_SUFFIX)]  # a data folder holds masks next to images
             elif path.exists():
                 matches = [path]
             elif glob.has_magic(item):
@@ -64,10 +72,47 @@ if __name__ == "__main__":
         return found, missing
 
 
+    def output_stems(files: list[Path]) -> list[str]:
+        """The NAME of each input's NAME_mask.png and NAME_overlay.jpg: a.jpg from two folders gives a, a-1."""
+        stems: list[str] = []
+        used: set[str] = set()
+        for path in files:
+            stem, n = path.stem, 1
+            while stem in used:
+                stem, n = f"{path.stem}-{n}", n + 1
+            stems.append(stem)
+            used.add(stem)
+        return stems
+
+
+    def check_targets(out_dir: Path, stems: list[str], overwrite: bool) -> None:
+        """Exit before any work if an output would replace a file infer.py did not write, or (without
+        --overwrite) an earlier prediction."""
+        existing = [p for stem in stems for p in (out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.jpg")
+                    if p.exists()]
+        foreign = [p for p in existing if not is_prediction(p)]
+        if foreign:
+            sys.exit(f"error: {foreign[0]} exists and was not written by infer.py ({len(foreign)} such file(s)); "
+                     f"it is never replaced: choose another --out")
+        if existing and not overwrite:
+            sys.exit(f"error: {out_dir} already holds predictions for these images (e.g. {existing[0].name}); "
+                     f"pass --overwrite to replace them, or choose another --out")
+
+
+    # -- output folder: checked before anything slow ----------------------------------------------------------
+    data_folder = split_folder_holding(args.out)
+    if data_folder is not None:
+        sys.exit(f"error: --out {args.out} is inside the data folder {data_folder}, whose NAME_mask.png files are "
+                 f"ground truth; write predictions elsewhere, e.g. --out predictions")
+    try:
+        out_dir = prepare_dir(args.out, "--out")
+    except OutputError as e:
+        sys.exit(f"error: {e}")
+
     # -- checkpoint ------------------------------------------------------------------------------------------
     try:
         predictor, checkpoint, picked = open_predictor(args.checkpoint, args.device, args.tta, args.scales,
-                                                       args.window, args.batch_size)
+                                                       args.window, args.batch_size, args.trust_artefact)
     except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
@@ -78,8 +123,8 @@ if __name__ == "__main__":
     files, errors = collect_images(args.inputs)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    stems = output_stems(files)
+    check_targets(out_dir, stems, args.overwrite)
     palette, classes = predictor.palette, predictor.classes
     print(f"{len(files)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
           f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(predictor.scales) > 1 or args.tta else ''})")
@@ -87,7 +132,7 @@ if __name__ == "__main__":
     # -- predict -----------------------------------------------------------------------------------------------
     workers = args.workers if len(files) >= 2 * args.batch_size else 0  # starting workers costs more than it saves
     loader = DataLoader(ImageFiles(files), args.batch_size, num_workers=workers, collate_fn=list)
-    used_stems: set[str] = set()
+    written = 0
     bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=True if len(files) < 2 else None)  # tty only
     for batch in loader:
         bar.update(len(batch))
@@ -95,26 +140,24 @@ if __name__ == "__main__":
             if error is not None:
                 errors.append(error)
                 tqdm.write(f"error: {error}", file=sys.stderr)
-        decoded = [(files[i], image) for i, image, error in batch if error is None]
+        decoded = [(i, image) for i, image, error in batch if error is None]
         if not decoded:
             continue
         tic = time.perf_counter()
         preds = predictor.predict_batch([image for _, image in decoded])
         seconds = (time.perf_counter() - tic) / len(decoded)
-        for (path, image), pred in zip(decoded, preds):
-            stem, n = path.stem, 1
-            while stem in used_stems:  # a.jpg from two folders: keep both
-                stem, n = f"{path.stem}-{n}", n + 1
-            used_stems.add(stem)
+        for (i, image), pred in zip(decoded, preds):
+            path, stem = files[i], stems[i]
             labels = pred.numpy().astype("uint8" if predictor.num_classes <= 256 else "int32")
-            colorize(labels, palette).save(out_dir / f"{stem}_mask.png")
-            overlay(image, labels, palette, classes, alpha=args.alpha).convert("RGB").save(
-                out_dir / f"{stem}_overlay.jpg", quality=90)
+            save_prediction(colorize(labels, palette), out_dir / f"{stem}_mask.png")
+            save_prediction(overlay(image, labels, palette, classes, alpha=args.alpha).convert("RGB"),
+                            out_dir / f"{stem}_overlay.jpg", quality=90)
+            written += 1
             shares = sorted(enumerate(class_shares(pred, predictor.num_classes)), key=lambda kv: -kv[1])
             summary = ", ".join(f"{classes[c]} {share:.1%}" for c, share in shares if share > 0)
             tqdm.write(f"{path}  {image.width}x{image.height}  {seconds * 1000:.0f} ms  {summary}")
     bar.close()
 
-    print(f"wrote {len(used_stems)} mask(s) and overlay(s) to {out_dir}/")
+    print(f"wrote {written} mask(s) and overlay(s) to {out_dir}/")
     if errors:
         sys.exit(f"{len(errors)} input(s) could not be processed:\n  " + "\n  ".join(errors))

@@ -17,15 +17,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from segpipe import distributed as dist_utils
-from segpipe.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint, versions
+from segpipe.checkpoint import FORMAT, CheckpointError, load_checkpoint, resume_from, save_checkpoint, versions
 from segpipe.compress import is_artefact, model_from_checkpoint
 from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
-from segpipe.config import ConfigError, load_config, to_dict
+from segpipe.config import ConfigError, check_class_weights, load_config, to_dict
 from segpipe.data import (DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, discover_labels,
-                          load_index)
+                          load_index, worker_message)
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
 from segpipe.models import ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options
+from segpipe.outputs import OutputError, prepare_dir
 from segpipe.transforms import BlurNormalizeBatch, collate_eval, eval_transform, train_transform
 
 # A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
@@ -45,6 +46,10 @@ if __name__ == "__main__":
         sys.exit(f"data.root={cfg.data.root} does not exist. Put your data in ROOT/train/NAME.jpg + NAME_mask.png "
                  f"(and ROOT/valid/...), then run `python train.py --config configs/default.yaml data.root=ROOT`; "
                  f"or try the built-in demo: `python train.py --config configs/synthetic.yaml`")
+    try:  # before anything slow: a run that cannot save its checkpoints should not start
+        prepare_dir(cfg.output_dir, "output_dir")
+    except OutputError as e:
+        sys.exit(f"config error: {e}")
 
     # -- processes and devices (every device/precision choice is made in distributed.setup) ----------------
     try:
@@ -78,6 +83,7 @@ if __name__ == "__main__":
             log(f"data.classes is not set: found labels {found} in the training masks; using {cfg.data.classes}. "
                 f"Name them in your config (data.classes: [road, car, ...]) in this order.")
         num_classes = len(cfg.data.classes)
+        check_class_weights(cfg.train.class_weights, num_classes)
         if cfg.data.palette:
             palette = [list(c) for c in cfg.data.palette]
         else:
@@ -87,6 +93,8 @@ if __name__ == "__main__":
                               cfg.data.palette_ignore, cfg.data.label_map)
     except DataError as e:
         sys.exit(f"data error: {e}")
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
     decode_size = tuple(cfg.data.train_size) if cfg.data.train_size else None
     train_set = SegmentationDataset(train_index, decoder, train_transform(cfg.data, rt.augment_on_device),
                                     decode_size)
@@ -149,7 +157,10 @@ if __name__ == "__main__":
     # -- loss, optimizer, schedule --------------------------------------------------------------------------
     class_weights = None
     if cfg.train.class_weights == "median_freq":
-        class_weights = median_frequency_weights(*class_pixel_stats(train_index, decoder))
+        try:
+            class_weights = median_frequency_weights(*class_pixel_stats(train_index, decoder))
+        except DataError as e:
+            sys.exit(f"data error: {e}")
         log("median-frequency class weights: " + ", ".join(f"{c}={w:.2f}" for c, w in
                                                          zip(cfg.data.classes, class_weights.tolist())))
     elif cfg.train.class_weights is not None:
@@ -188,11 +199,11 @@ if __name__ == "__main__":
     if resume == "auto":
         resume = str(out_dir / "last.pt") if (out_dir / "last.pt").is_file() else None
     if resume:
-        ckpt = load_checkpoint(resume, map_location=rt.device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        try:
+            ckpt = resume_from(resume, f"a {cfg.model.name} with {num_classes} classes", model, optimizer, scheduler,
+                               scaler, map_location=rt.device)
+        except CheckpointError as e:
+            sys.exit(f"model error: {e}")
         state = TrainState(ckpt["epoch"], ckpt["step"], ckpt["batches_done"])
         best_miou = ckpt["best_miou"]
         log(f"resumed from {resume}: epoch {state.epoch}, step {state.step}, best mIoU {best_miou:.4f}")
@@ -292,7 +303,10 @@ if __name__ == "__main__":
         log(f"error: {e}")
         exit_code = 1
     except DataError as e:
-        print(f"data error on rank {rt.rank}: {e}", file=sys.stderr)
+        dist_utils.report_failure(f"data error on rank {rt.rank}: {worker_message(e)}")
+        exit_code = 1
+    except CheckpointError as e:  # a full disk or a vanished output_dir while saving
+        print(f"error: {e}", file=sys.stderr)
         exit_code = 1
     finally:
         if writer is not None:

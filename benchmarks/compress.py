@@ -113,7 +113,7 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
     program = quantize_int8(model, calibration)
     int8_file = folder / "int8.pt2"
     save_int8(program, int8_file, {"model_name": MODEL, "compression": {"method": "int8"}})
-    int8, _ = load_int8(int8_file, compile=True)
+    int8, _ = load_int8(int8_file, compile=True, trust=True)
     print(f"  int8: calibrated on {len(calibration)} training images, quantized and saved in "
           f"{time.perf_counter() - t:.0f} s (compiles on first call)", flush=True)
     add("int8 (PT2E, compiled)", int8, int8_file)

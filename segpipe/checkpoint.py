@@ -1,9 +1,12 @@
 """Atomic checkpoint saves, safe loads (weights_only=True), self-describing contents."""
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
+import zipfile
 from pathlib import Path
+from typing import Optional
 
 import numpy
 import PIL
@@ -14,7 +17,7 @@ FORMAT = "segpipe-checkpoint"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used, with the reason and the fix."""
+    """A checkpoint file that cannot be used or written, with the reason and the fix."""
 
 
 def versions() -> dict:
@@ -25,19 +28,52 @@ def versions() -> dict:
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> None:
-    """Write obj to path via a temp file in the same folder and os.replace: a kill never leaves half a file."""
+    """Write obj to path via a temp file in the same folder and os.replace: a kill or a full disk never leaves half
+    a file, and the previous checkpoint stays until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        # os.open with 0o666 lets the umask set the permissions, as for every other output (mkstemp would give 0600).
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError, the OSError inside
+        tmp.unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        reason = "no space left on device" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            (cause.strerror or str(cause)).lower()
+        raise CheckpointError(f"cannot save {path}: {reason}. The partial file was removed and the previous "
+                              f"{path.name} (if any) is unchanged; free space, or write to another disk") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _is_export_archive(path: Path) -> bool:
+    """A torch.export.save archive (a zip with an archive_format entry), whatever its suffix."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/archive_format") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _os_error(error: BaseException) -> Optional[OSError]:
+    """The OSError behind an exception (itself, or the one it was raised while handling), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -46,6 +82,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `python train.py --config ...` "
                               f"or pass --checkpoint PATH")
+    if _is_export_archive(path):
+        renamed = "" if path.suffix == ".pt2" else f", renamed to {path.suffix or 'no suffix'}"
+        raise CheckpointError(f"{path} is an int8 artefact (a torch.export archive{renamed}), not a checkpoint: "
+                              f"pruning, quantizing and training start from the float checkpoint it was made from; "
+                              f"infer.py and evaluate.py read it as NAME.pt2 with --trust-artefact")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -57,3 +98,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a segpipe checkpoint (no format={FORMAT!r} entry); "
                               f"raw weights go to training as model.weights={path}")
     return obj
+
+
+# What train.py's last.pt holds besides the metadata, to continue a run where it stopped.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "batches_done", "best_miou")
+
+
+def resume_from(path: str | Path, run: str, model: torch.nn.Module, optimizer, scheduler, scaler,
+                map_location: str | torch.device = "cpu") -> dict:
+    """Load a last.pt into this run's training objects and return it; run describes this run's model.
+
+    Raises CheckpointError naming what the file holds and what to do, instead of pages of state-dict keys.
+    """
+    fix = (f"delete {path} to start afresh, or set output_dir to a new folder (or train.resume to the "
+           f"checkpoint of this run)")
+    try:
+        ckpt = load_checkpoint(path, map_location)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}; {fix}") from None
+    holds = f"a {ckpt.get('model_name', 'model of unknown architecture')} with {ckpt.get('num_classes', '?')} classes"
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: it holds {holds} but no training state "
+                              f"({', '.join(missing)} missing; an inference artefact?); {fix}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
+        raise CheckpointError(f"cannot resume from {path}: it holds {holds}, this run trains {run} "
+                              f"({detail[:150]}); {fix}") from None
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"cannot resume from {path}: its optimizer or schedule state does not fit this run "
+                              f"({str(e).splitlines()[0][:150]}; was train.optimizer changed?); {fix}") from None
+    return ckpt

@@ -7,13 +7,34 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration key or value the user must fix."""
+
+
+def allowed(check: Callable[[Any], bool], wanted: str) -> dict:
+    """Field metadata: the value (when not null) must pass check; `wanted` says what is allowed."""
+    return {"allowed": (check, wanted)}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+POSITIVE = allowed(lambda v: v > 0, "a number above 0")
+AT_LEAST_1 = allowed(lambda v: v >= 1, "1 or more")
+AT_LEAST_0 = allowed(lambda v: v >= 0, "0 or more")
+PROBABILITY = allowed(lambda v: 0 <= v <= 1, "between 0 and 1")
+SIZE = allowed(lambda v: len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
+               "[height, width]: two whole numbers above 0")
+RANGE = allowed(lambda v: len(v) == 2 and all(_number(x) and x > 0 for x in v) and v[0] <= v[1],
+                "[low, high]: two numbers above 0 with low <= high")
+CLASS_WEIGHTS = allowed(lambda v: v == "median_freq" or (isinstance(v, list) and all(_number(x) and x >= 0 for x in v)),
+                        "median_freq or a list of one weight (a number >= 0) per class")
 
 
 @dataclass
@@ -26,21 +47,21 @@ class DataConfig:
     palette: Optional[list] = None  # one [r, g, b] per class; required for rgb masks
     palette_ignore: Optional[list] = None  # rgb colours mapped to ignore_index
     label_map: Optional[dict] = None  # raw mask id -> class index (or ignore_index)
-    crop_size: list = field(default_factory=lambda: [360, 480])  # [h, w] of training crops
-    train_size: Optional[list] = None  # [h, w] the random scale is relative to; None = stored size
-    eval_size: Optional[list] = None  # [h, w] the model sees at evaluation; None = stored size
-    scale_range: list = field(default_factory=lambda: [0.5, 2.0])
-    hflip_prob: float = 0.5
-    blur_prob: float = 0.5
-    blur_kernel: int = 5
-    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
-    color_jitter: float = 0.0  # strength for brightness/contrast/saturation; 0 disables
+    crop_size: list = field(default_factory=lambda: [360, 480], metadata=SIZE)  # [h, w] of training crops
+    train_size: Optional[list] = field(default=None, metadata=SIZE)  # [h, w] the random scale is relative to; None = stored size
+    eval_size: Optional[list] = field(default=None, metadata=SIZE)  # [h, w] the model sees at evaluation; None = stored size
+    scale_range: list = field(default_factory=lambda: [0.5, 2.0], metadata=RANGE)
+    hflip_prob: float = field(default=0.5, metadata=PROBABILITY)
+    blur_prob: float = field(default=0.5, metadata=PROBABILITY)
+    blur_kernel: int = field(default=5, metadata=allowed(lambda v: v > 0 and v % 2 == 1, "an odd number above 0"))
+    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0], metadata=RANGE)
+    color_jitter: float = field(default=0.0, metadata=AT_LEAST_0)  # strength for brightness/contrast/saturation; 0 disables
     # Where blur + normalisation run: workers (the loader), device (the training step, on the batch), or
     # auto (device when training on a GPU and color_jitter is off, else workers).
     augment_on: str = "auto"
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata=AT_LEAST_0)
     cache_dir: Optional[str] = None  # where the file index goes if ROOT is read-only
     skip_unpaired: bool = False  # images without a mask: False = stop with an error, True = warn and skip
     synthetic: bool = False  # generate the built-in synthetic street scenes at data.root if missing
@@ -65,27 +86,27 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
-    batch_size: int = 8  # per process; the global batch is batch_size * world_size * accum_steps
-    lr: float = 0.01  # for a global batch of lr_reference_batch; scaled linearly to the real one
-    lr_reference_batch: Optional[int] = 8  # None: use lr as given, whatever the global batch
+    epochs: int = field(default=50, metadata=AT_LEAST_1)
+    max_steps: Optional[int] = field(default=None, metadata=AT_LEAST_1)  # stop after this many optimizer steps (smoke runs)
+    batch_size: int = field(default=8, metadata=AT_LEAST_1)  # per process; the global batch is batch_size * world_size * accum_steps
+    lr: float = field(default=0.01, metadata=POSITIVE)  # for a global batch of lr_reference_batch; scaled linearly to the real one
+    lr_reference_batch: Optional[int] = field(default=8, metadata=AT_LEAST_1)  # None: use lr as given, whatever the global batch
     optimizer: str = "sgd"  # sgd | adamw
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    momentum: float = field(default=0.9, metadata=AT_LEAST_0)
+    weight_decay: float = field(default=1e-4, metadata=AT_LEAST_0)
+    warmup_steps: int = field(default=100, metadata=AT_LEAST_0)
     poly_power: float = 0.9
     loss: str = "ce"  # ce | dice | ce+dice
-    class_weights: Optional[Any] = None  # None | list of floats | "median_freq"
+    class_weights: Optional[Any] = field(default=None, metadata=CLASS_WEIGHTS)  # None | list of floats | "median_freq"
     amp: str = "auto"  # auto | bf16 | fp16 | none
-    accum_steps: int = 1
-    grad_clip: Optional[float] = None  # max global grad norm; None disables
+    accum_steps: int = field(default=1, metadata=AT_LEAST_1)
+    grad_clip: Optional[float] = field(default=None, metadata=POSITIVE)  # max global grad norm; None disables
     seed: int = 0
     resume: Optional[str] = None  # None | auto | path/to/last.pt
     init_from: Optional[str] = None  # start from these model weights (e.g. a pruned artefact)
-    val_every: int = 1  # epochs between validations
-    log_every: int = 20  # steps between plain log lines and TensorBoard scalars
-    num_vis: int = 4  # image | truth | prediction panels written to TensorBoard per validation
+    val_every: int = field(default=1, metadata=AT_LEAST_1)  # epochs between validations
+    log_every: int = field(default=20, metadata=AT_LEAST_1)  # steps between plain log lines and TensorBoard scalars
+    num_vis: int = field(default=4, metadata=AT_LEAST_0)  # image | truth | prediction panels written to TensorBoard per validation
     backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
     device: Optional[str] = None  # None: cuda if available, else cpu
 
@@ -111,15 +132,40 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; the configs/ folder has examples")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e)}); fix that line") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
-    return _build(Config, raw, prefix="")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); quote strings, "
+                              f"write lists as [a, b]") from None
+        _set_dotted(raw, key.strip(), parsed)
+    cfg = _build(Config, raw, prefix="")
+    if cfg.data.classes is not None:
+        check_class_weights(cfg.train.class_weights, len(cfg.data.classes))
+    return cfg
+
+
+def check_class_weights(weights: Any, num_classes: int) -> None:
+    """A list of class weights must have one entry per class (checked as soon as the classes are known)."""
+    if isinstance(weights, list) and len(weights) != num_classes:
+        raise ConfigError(f"train.class_weights has {len(weights)} weights but there are {num_classes} classes; "
+                          f"give one per class (in data.classes order) or use median_freq")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """YAML's complaint and where, on one line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or 'syntax error'}{where}"
 
 
 def to_dict(cfg: Config) -> dict:
@@ -139,7 +185,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def _build(cls: type, raw: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
@@ -156,7 +203,18 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             kwargs[key] = _check_type(dotted, value, hint_type)
             if dotted in CHOICES and value not in CHOICES[dotted]:
                 raise ConfigError(f"{dotted}={value!r}; choose one of {', '.join(CHOICES[dotted])}")
+            check, wanted = fields[key].metadata.get("allowed", (None, None))
+            if check is not None and kwargs[key] is not None and not _passes(check, kwargs[key]):
+                raise ConfigError(f"{dotted}={value!r} is not allowed; it must be {wanted}")
     return cls(**kwargs)
+
+
+def _passes(check: Callable[[Any], bool], value: Any) -> bool:
+    """check(value), where a value of the wrong shape (a list too short, a string compared to 0) fails."""
+    try:
+        return bool(check(value))
+    except (TypeError, IndexError):
+        return False
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:

@@ -11,13 +11,16 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = "_mask.png"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")  # grayscale PNGs with more than 8 bits per pixel
 
 
 class DataError(ValueError):
@@ -34,7 +37,8 @@ class FileIndex:
 
     split_dir: str
     names: np.ndarray  # dtype S: NAME without extension, sorted
-    exts: np.ndarray  # uint8 index into IMAGE_EXTS
+    exts: np.ndarray  # dtype S: the image's extension as the file is named (.jpg, .JPG, .jpeg, .png, ...)
+    mask_suffixes: Optional[np.ndarray] = None  # dtype S: _mask.png as named (_mask.PNG ...); None: all MASK_SUFFIX
 
     def __len__(self) -> int:
         return len(self.names)
@@ -42,7 +46,8 @@ class FileIndex:
     def paths(self, i: int) -> tuple[str, str]:
         """The image and mask path of pair i."""
         stem = os.path.join(self.split_dir, self.names[i].decode())
-        return stem + IMAGE_EXTS[self.exts[i]], stem + MASK_SUFFIX
+        mask = MASK_SUFFIX if self.mask_suffixes is None else self.mask_suffixes[i].decode()
+        return stem + self.exts[i].decode(), stem + mask
 
 
 def index_path(split_dir: Path, cache_dir: Optional[str]) -> Path:
@@ -67,33 +72,39 @@ def load_index(root: str, split: str, cache_dir: Optional[str] = None, skip_unpa
         try:
             with np.load(cache) as f:
                 if int(f["version"]) == INDEX_VERSION and int(f["mtime_ns"]) == mtime:
-                    return FileIndex(str(split_dir), f["names"], f["exts"])
+                    return FileIndex(str(split_dir), f["names"], f["exts"], f["mask_suffixes"])
         except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
-    names, exts = _scan(split_dir, skip_unpaired)
-    _save_index(cache, names, exts, mtime)
-    return FileIndex(str(split_dir), names, exts)
+            pass  # a damaged (or older) cache is rebuilt below
+    index = _scan(split_dir, skip_unpaired)
+    _save_index(cache, index, mtime)
+    return index
 
 
-def _scan(split_dir: Path, skip_unpaired: bool) -> tuple[np.ndarray, np.ndarray]:
-    images: dict[str, int] = {}
-    masks: set[str] = set()
+def _scan(split_dir: Path, skip_unpaired: bool) -> FileIndex:
+    images: dict[str, str] = {}  # stem -> extension as named
+    masks: dict[str, str] = {}  # stem -> mask suffix as named
     with os.scandir(split_dir) as entries:
         for entry in entries:
             name = entry.name
-            if name.endswith(MASK_SUFFIX):
-                masks.add(name[: -len(MASK_SUFFIX)])
+            try:
+                name.encode()
+            except UnicodeEncodeError:  # bytes that are not UTF-8, kept by Python as surrogates
+                warnings.warn(f"{split_dir}: skipping {os.fsencode(name)!r}, whose name is not valid UTF-8; "
+                              f"rename it (and its mask) to use it", stacklevel=3)
+                continue
+            if name.lower().endswith(MASK_SUFFIX):  # NAME_mask.PNG too: a mask, never an image
+                masks[name[: -len(MASK_SUFFIX)]] = name[-len(MASK_SUFFIX):]
                 continue
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTS:
                 continue  # notes, thumbnails, .DS_Store: not ours
             if stem in images:
-                raise DataError(f"{split_dir}: two images named {stem} ({IMAGE_EXTS[images[stem]]} and {ext}); "
+                raise DataError(f"{split_dir}: two images named {stem} ({images[stem]} and {ext}); "
                                 f"keep one of them")
-            images[stem] = IMAGE_EXTS.index(ext.lower())
-    unpaired = sorted(set(images) - masks)
+            images[stem] = ext
+    unpaired = sorted(set(images) - set(masks))
     if unpaired:
-        listing = ", ".join(f"{n}{IMAGE_EXTS[images[n]]}" for n in unpaired[:5])
+        listing = ", ".join(f"{n}{images[n]}" for n in unpaired[:5])
         message = (f"{split_dir}: {len(unpaired)} image(s) have no {MASK_SUFFIX} mask, e.g. {listing}. "
                    f"Add the masks, or set data.skip_unpaired=true to train without these images")
         if not skip_unpaired:
@@ -105,16 +116,17 @@ def _scan(split_dir: Path, skip_unpaired: bool) -> tuple[np.ndarray, np.ndarray]
         raise DataError(f"{split_dir} holds no image with a mask (NAME.jpg + NAME{MASK_SUFFIX}); "
                         f"check data.root")
     stems = sorted(images)
-    names = np.array([s.encode() for s in stems], dtype=np.bytes_)
-    exts = np.array([images[s] for s in stems], dtype=np.uint8)
-    return names, exts
+    return FileIndex(str(split_dir), np.array([s.encode() for s in stems], dtype=np.bytes_),
+                     np.array([images[s].encode() for s in stems], dtype=np.bytes_),
+                     np.array([masks[s].encode() for s in stems], dtype=np.bytes_))
 
 
-def _save_index(cache: Path, names: np.ndarray, exts: np.ndarray, mtime: int) -> None:
+def _save_index(cache: Path, index: FileIndex, mtime: int) -> None:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, names=names, exts=exts, mtime_ns=np.int64(mtime), version=np.int64(INDEX_VERSION))
+        np.savez(tmp, names=index.names, exts=index.exts, mask_suffixes=index.mask_suffixes,
+                 mtime_ns=np.int64(mtime), version=np.int64(INDEX_VERSION))
         os.replace(tmp, cache)  # atomic: concurrent ranks building the same index never see half a file
     except OSError as e:
         warnings.warn(f"could not cache the file index at {cache} ({e}); set data.cache_dir to a writable folder "
@@ -201,18 +213,27 @@ def _rgb_code_array(rgb: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: str, min_size: Optional[tuple[int, int]] = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode an RGB image; JPEGs decode at a reduced DCT scale when min_size (h, w) is at most half.
+    """Decode an RGB image as viewers show it; JPEGs decode at a reduced DCT scale when min_size (h, w) is at most half.
 
-    Returns the image and its stored (width, height).
+    The EXIF orientation is applied (cameras store portrait photos sideways and flag them; annotation tools
+    draw masks on the turned view), and 16-bit grayscale is scaled to 8 bits. Returns the image and its
+    full-resolution (width, height) as displayed, which its mask must match.
     """
     try:
         img = Image.open(path)
-        stored = img.size
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        swaps = orientation in SWAPPING_ORIENTATIONS
+        stored = img.size[::-1] if swaps else img.size
         if min_size is not None and img.format == "JPEG":
             h, w = min_size
             if 2 * h <= stored[1] and 2 * w <= stored[0]:
-                img.draft("RGB", (w, h))  # picks the largest 1/2, 1/4, 1/8 scale that stays >= (w, h)
+                # draft works on the file's pixel grid, before the turn: ask for (h, w) when the turn swaps them
+                img.draft("RGB", (h, w) if swaps else (w, h))  # the largest 1/2, 1/4, 1/8 scale staying >= it
         img.load()  # the full decode, so truncation shows up here
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)
+        if img.mode in SIXTEEN_BIT_MODES:
+            img = _to_8_bits(img)
         if img.mode != "RGB":
             img = img.convert("RGB")  # (convert on an RGB image would be a needless copy)
     except Image.DecompressionBombError as e:
@@ -222,6 +243,20 @@ def read_image(path: str, min_size: Optional[tuple[int, int]] = None) -> tuple[I
         raise DataError(f"{path}: cannot decode the image ({e}). Re-export or remove the file "
                         f"(and its mask); the index notices the change") from None
     return img, stored
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image scaled to 8-bit "L": Pillow's own convert clips at 255, turning it white."""
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+
+
+def worker_message(error: Exception) -> str:
+    """The user's line of an error raised in a DataLoader worker, without the worker traceback PyTorch appends."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # "Caught DataError in DataLoader worker process 0. Original Traceback ..."
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def read_mask(path: str, decoder: MaskDecoder) -> np.ndarray:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -160,3 +163,16 @@ class SeededSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler) - self.skip
+
+
+def report_failure(message: str) -> None:
+    """Print a process's fatal one-line error; under torchrun also hand it to the launcher, so its failure summary
+    (printed last) names the error instead of "To enable traceback see ..." (torchelastic's error-file format)."""
+    print(message, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the launcher shows its generic line instead; the message is printed above

@@ -60,26 +60,28 @@ TTA_SCALES = (0.75, 1.0, 1.25)  # infer.py/evaluate.py --tta: these input scales
 
 def open_predictor(checkpoint: str | None, device: torch.device | str | None, tta: bool = False,
                    scales: Optional[Sequence[float]] = None, window: Optional[str] = None,
-                   batch_size: int = 4) -> tuple["Predictor", Path, bool]:
+                   batch_size: int = 4, trust_artefact: bool = False) -> tuple["Predictor", Path, bool]:
     """The Predictor of infer.py and evaluate.py from their flags: (predictor, checkpoint path, whether that path
     was picked for the user as the newest runs/*/best.pt). Raises CheckpointError or ValueError (a bad
     --window or --scales) with the message for the user."""
     path, picked = checkpoint_or_latest(checkpoint)
     scales = scales or (TTA_SCALES if tta else (1.0,))
-    predictor = Predictor.from_file(path, device, flip=tta, scales=scales, window=window, batch_size=batch_size)
+    predictor = Predictor.from_file(path, device, flip=tta, scales=scales, window=window, batch_size=batch_size,
+                                    trust_artefact=trust_artefact)
     return predictor, path, picked
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+def load_model(path: str | Path, device: torch.device, trust_artefact: bool = False) -> tuple[nn.Module, dict]:
     """The model (in eval mode, on device) and metadata of a segpipe checkpoint or a compressed artefact.
 
     Checkpoints are read with weights_only=True (segpipe.checkpoint.load_checkpoint): a file from elsewhere
-    cannot run code. The architecture is rebuilt from the checkpoint's model_name and num_classes.
+    cannot run code. An int8 .pt2 archive can, so it loads only with trust_artefact=True (see compress/int8.py).
+    The architecture is rebuilt from the checkpoint's model_name and num_classes.
     """
     if _is_artefact(path):
         from segpipe.compress import load_artefact
         try:
-            model, meta = load_artefact(str(path), device=str(device))
+            model, meta = load_artefact(str(path), device=str(device), trust=trust_artefact)
         except CheckpointError:
             raise
         except ValueError as e:  # e.g. an int8 artefact asked to run on CUDA
@@ -173,10 +175,12 @@ class Predictor:
         self.batch_size = max(1, batch_size)
 
     @classmethod
-    def from_file(cls, path: str | Path, device: torch.device | str | None = None, **options) -> "Predictor":
-        """A Predictor from a checkpoint or compressed artefact; options as for __init__."""
+    def from_file(cls, path: str | Path, device: torch.device | str | None = None, trust_artefact: bool = False,
+                  **options) -> "Predictor":
+        """A Predictor from a checkpoint or compressed artefact (an int8 .pt2 only if trust_artefact); options as
+        for __init__."""
         dev = resolve_device(device)
-        model, meta = load_model(path, dev)
+        model, meta = load_model(path, dev, trust_artefact)
         if isinstance(options.get("window"), str):
             options["window"] = parse_window(options["window"], meta)
         return cls(model, meta, dev, **options)

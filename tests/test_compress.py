@@ -212,11 +212,11 @@ def int8_artefact(workspace):
 
 def test_int8_artefact_is_safe_to_identify_and_keeps_metadata(int8_artefact):
     assert is_artefact(int8_artefact)
-    _, meta = load_artefact(int8_artefact, compile=False)
+    _, meta = load_artefact(int8_artefact, compile=False, trust=True)
     assert meta["compression"]["method"] == "int8" and meta["compression"]["calib_images"] == 3
     assert meta["num_classes"] == NUM_CLASSES and "model" not in meta
     with pytest.raises(ValueError, match="device='cpu'"):
-        load_artefact(int8_artefact, device="cuda")
+        load_artefact(int8_artefact, device="cuda", trust=True)
 
 
 def test_int8_agrees_with_fp32_uncompiled_and_compiled(workspace, int8_artefact):
@@ -224,7 +224,7 @@ def test_int8_agrees_with_fp32_uncompiled_and_compiled(workspace, int8_artefact)
     x = images(1)
     expected = forward(model, x)
     for compile in (False, True):  # the reference q/dq graph, then the fused oneDNN kernels
-        loaded, _ = load_artefact(int8_artefact, compile=compile)
+        loaded, _ = load_artefact(int8_artefact, compile=compile, trust=True)
         loaded.eval()  # callers do this; an exported program must tolerate it
         got = forward(loaded, x)
         assert got.shape == expected.shape

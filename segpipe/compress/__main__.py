@@ -27,6 +27,7 @@ from segpipe.compress.structured import (CRITERIA, PruningError, group_widths, p
                                          prunable_channel_sparsity)
 from segpipe.compress.unstructured import SCOPES, prune_unstructured
 from segpipe.data import DataError
+from segpipe.outputs import OutputError, prepare_file
 
 DEFAULT_DATA_ROOT = "../shared/data/camvid"
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
@@ -67,7 +68,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "prune" and not args.sweep and not args.out:
         parser.error("prune needs --out PATH (or --sweep to only measure)")
+    check_numbers(args)
     return args
+
+
+# Allowed values of the numeric options: (test, what the message asks for).
+NUMBER_RULES = {"sparsity": (lambda v: 0 < v < 1, "a share between 0 and 1, e.g. 0.5"),
+                "round_to": (lambda v: v >= 1, "1 or more"), "finetune_epochs": (lambda v: v >= 0, "0 or more"),
+                "finetune_lr": (lambda v: v > 0, "above 0"), "calib_images": (lambda v: v >= 1, "1 or more"),
+                "images": (lambda v: v >= 1, "1 or more"), "threads": (lambda v: v >= 1, "1 or more")}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """One line naming the option, instead of a traceback deep in pruning or calibration."""
+    for name, (ok, wanted) in NUMBER_RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be {wanted}")
 
 
 def data_root(args: argparse.Namespace, checkpoint: dict) -> str:
@@ -150,6 +167,8 @@ def run_prune(args: argparse.Namespace) -> None:
     if args.finetune_epochs and args.method != "structured":
         raise SystemExit("--finetune-epochs needs --method structured: fine-tuning an unstructured-pruned model "
                          "would grow the removed weights back (the masks are not kept)")
+    if args.out:
+        prepare_file(args.out, "--out")  # before the pruning and fine-tuning, not after
     checkpoint = read_checkpoint(args.checkpoint)
     if args.sweep:
         return sweep(model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint, args)
@@ -180,6 +199,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     wanted = INT8_SUFFIX if args.dtype == "int8" else ".pth"
     if (Path(args.out).suffix == INT8_SUFFIX) != (args.dtype == "int8"):
         raise SystemExit(f"--out {args.out}: {args.dtype} artefacts are read by their suffix; name it *{wanted}")
+    prepare_file(args.out, "--out")  # before the calibration, not after
     checkpoint = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint, keep_aux=False).eval()
     previous = checkpoint.get("compression")
@@ -211,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         {"prune": run_prune, "quantize": run_quantize}[args.command](args)
-    except (DataError, CheckpointError, PruningError) as e:  # the user's files or options: a message, no traceback
+    except (DataError, CheckpointError, PruningError, OutputError) as e:  # the user's files or options: a message, no traceback
         raise SystemExit(f"error: {e}") from None
 
 

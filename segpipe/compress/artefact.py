@@ -104,21 +104,22 @@ def is_artefact(path: str | Path) -> bool:
     return isinstance(obj, dict) and "compression" in obj
 
 
-def load_artefact(path: str | Path, device: str | torch.device = "cpu",
-                  compile: bool = True) -> tuple[nn.Module | Callable, dict]:
+def load_artefact(path: str | Path, device: str | torch.device = "cpu", compile: bool = True,
+                  trust: bool = False) -> tuple[nn.Module | Callable, dict]:
     """Load any segpipe model file for inference: (model, metadata).
 
     The model maps a normalised float NCHW batch to {"out": logits at input resolution}; metadata is
     the checkpoint's dict without weights and training state, with "compression" describing what was
     done (absent for a plain checkpoint). Int8 artefacts need an x86 CPU, torchao and a C++ compiler
-    (see segpipe/compress/int8.py); compile=False skips torch.compile (slow, for checks only).
+    (see segpipe/compress/int8.py); compile=False skips torch.compile (slow, for checks only). Loading an int8
+    archive can run code stored in it, so it needs trust=True (checkpoints load safely either way).
     """
     path = Path(path)
     if path.suffix == INT8_SUFFIX:
         if torch.device(device).type != "cpu":
             raise ValueError(f"{path} is an int8 artefact for x86 CPUs; load it with device='cpu', or use the "
                              f"float checkpoint it was made from on {device}")
-        return load_int8(path, compile=compile)
+        return load_int8(path, compile=compile, trust=trust)
     checkpoint = read_checkpoint(path)
     model = model_from_checkpoint(checkpoint, keep_aux=False).to(device).eval()
     if (checkpoint.get("compression") or {}).get("method") == "bf16":

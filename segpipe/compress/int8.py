@@ -1,8 +1,15 @@
 """Int8 post-training static quantization for x86 CPUs: torchao's PT2E flow, saved as an ExportedProgram.
 
 Flow: torch.export -> prepare_pt2e with X86InductorQuantizer -> calibrate on real images -> convert_pt2e
--> export again and torch.export.save. Loading uses torch.export.load (no pickle) and torch.compile
-(Inductor) with freezing, which fuses the quantize/dequantize pairs into oneDNN int8 convolutions.
+-> export again and torch.export.save. Loading uses torch.export.load and torch.compile (Inductor) with
+freezing, which fuses the quantize/dequantize pairs into oneDNN int8 convolutions.
+
+Safety: torch.export.load is not a safe loader. It unpickles entries marked `use_pickle`, custom-object
+constants and (when the safe load fails) the sample inputs, and even a pickle-free archive makes it
+evaluate strings it carries: Python guard expressions, symbolic shapes through sympy (eval), operator
+names resolved with getattr on `torch`. So load_int8 first checks the archive (only plain tensor entries,
+sample inputs that load with weights_only=True, no native code) and then loads only when the caller
+says the file is trusted (infer.py/evaluate.py --trust-artefact): load only artefacts you made.
 
 What the deploying machine needs: an x86-64 CPU (AVX512-VNNI or AMX make int8 fast; without VNNI
 oneDNN may saturate, see torchao's X86InductorQuantizer notes), torch and torchao of the versions
@@ -15,7 +22,10 @@ but quantize/dequantize run as separate reference ops, so expect no speed-up (a 
 from __future__ import annotations
 
 import copy
+import io
 import json
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -25,9 +35,22 @@ from torch import nn
 from torch.export import Dim
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from segpipe.checkpoint import CheckpointError
+
 METADATA_FILE = "segpipe.json"
 SUFFIX = ".pt2"
 MAX_BATCH = 256
+# Entries of a torch.export.save archive (below its root folder) made of plain data: JSON, raw tensor bytes,
+# the sample inputs (torch.save of tensors). Anything else (pickled legacy weights, custom or opaque objects,
+# AOTInductor shared libraries, ExecuTorch programs) is refused.
+PLAIN_ENTRIES = re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                           r"|models/\w+\.json|data/weights/\w+_weights_config\.json|data/weights/weight_\d+"
+                           r"|data/constants/\w+_constants_config\.json|data/constants/tensor_\d+"
+                           r"|data/sample_inputs/\w+\.pt|extra/[\w.-]+")
+UNTRUSTED = ("{path} is a torch.export archive (.pt2), and loading one evaluates code stored in it (guard "
+             "expressions, symbolic shapes, operator names), so a file from elsewhere could run anything on this "
+             "machine. Load only int8 artefacts you made with `python -m segpipe.compress quantize`: pass "
+             "--trust-artefact (trust=True in Python) for such a file")
 
 
 class UntiedBottleneck(Bottleneck):
@@ -155,13 +178,53 @@ class CompiledInt8(nn.Module):
             return self.compiled(images)
 
 
-def load_int8(path: str | Path, compile: bool = True) -> tuple[nn.Module, dict]:
-    """Load an int8 .pt2 artefact (no pickle) as a module mapping a normalised batch to {"out": logits}."""
-    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401  registers the quantized_decomposed ops
+def check_archive(data: bytes, path: str | Path) -> None:
+    """Refuse an archive with anything but plain entries, pickled payloads, or sample inputs needing pickle."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path} is not a .pt2 archive (not a zip file); it is damaged or was renamed") from None
+    with archive:
+        names = archive.namelist()
+        roots = {name.split("/", 1)[0] for name in names}
+        entries = {name.split("/", 1)[-1]: name for name in names if not name.endswith("/")}
+        odd = [name for name in entries if not PLAIN_ENTRIES.fullmatch(name)]
+        if len(roots) != 1 or "archive_version" not in entries or odd:
+            raise CheckpointError(f"{path}: refused, the archive holds entries a segpipe int8 artefact never has "
+                                  f"({', '.join(odd[:3]) or 'no single root folder with archive_version'}); "
+                                  f"they could run code when loaded. Re-make it with `python -m segpipe.compress "
+                                  f"quantize`")
+        for name, full in entries.items():
+            if name.endswith(("_weights_config.json", "_constants_config.json")):
+                _check_payloads(json.loads(archive.read(full)), path, name)
+            elif name.startswith("data/sample_inputs/"):
+                try:  # torch.export.load tries this same safe load first, and falls back to pickle only if it fails
+                    torch.load(io.BytesIO(archive.read(full)), weights_only=True)
+                except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+                    raise CheckpointError(f"{path}: refused, its sample inputs ({name}) are not plain tensors "
+                                          f"({str(e).splitlines()[0][:200]}); loading them would unpickle "
+                                          f"arbitrary objects") from None
 
+
+def _check_payloads(config: dict, path: str | Path, name: str) -> None:
+    """Every weight and constant of a payload config must be raw tensor bytes, not a pickle or an object."""
+    for fqn, payload in (config.get("config") or {}).items():
+        if payload.get("use_pickle") or not str(payload.get("path_name", "")).startswith(("weight_", "tensor_")):
+            raise CheckpointError(f"{path}: refused, {name} stores {fqn} as a pickled or custom object "
+                                  f"({payload.get('path_name')}); loading it could run code")
+
+
+def load_int8(path: str | Path, compile: bool = True, trust: bool = False) -> tuple[nn.Module, dict]:
+    """Load an int8 .pt2 artefact, checked and trusted (see the module docstring), as a module mapping a
+    normalised batch to {"out": logits}."""
     metadata = read_int8_metadata(path)
     if metadata is None:
-        raise ValueError(f"{path} is not a segpipe int8 artefact (no {METADATA_FILE} inside); "
-                         f"make one with `python -m segpipe.compress quantize --checkpoint P --out {Path(path).name}`")
-    program = torch.export.load(path).module()
+        raise CheckpointError(f"{path} is not a segpipe int8 artefact (no {METADATA_FILE} inside); make one with "
+                              f"`python -m segpipe.compress quantize --checkpoint P --out {Path(path).name}`")
+    data = Path(path).read_bytes()  # checked and loaded from the same bytes: the file cannot change in between
+    check_archive(data, path)
+    if not trust:
+        raise CheckpointError(UNTRUSTED.format(path=path))
+    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401  registers the quantized_decomposed ops
+    program = torch.export.load(io.BytesIO(data)).module()
     return CompiledInt8(program, compile=compile), metadata
