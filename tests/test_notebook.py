@@ -1,4 +1,4 @@
-"""demo.ipynb: runs top to bottom in a real Jupyter kernel, shows its pictures and a model that works, and matches its generator."""
+"""demo.ipynb: runs in a real Jupyter kernel, shows its pictures and a model that works, matches its generator."""
 import importlib.util
 import re
 from pathlib import Path
