@@ -5,6 +5,7 @@ train.batch_size is per process; the learning rate scales linearly with the glob
 (batch_size * world_size * accum_steps) relative to train.lr_reference_batch.
 """
 import argparse
+import functools
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from segpipe import distributed as dist_utils
@@ -43,20 +44,23 @@ def main(argv: Optional[list] = None) -> int:
     """Parse, build, train, report: the whole run, step by step. Returns the exit code."""
     args = get_args_parser().parse_args(argv)
     cfg = read_config(args.config, args.overrides)
+    stop = StopSignal()  # from the start: a signal during set-up must not kill the process before it can save
     rt = setup_runtime(cfg)
     log = print if rt.is_main else (lambda *a, **k: None)
+    data = None
     try:
         data = build_data(cfg, rt, log)
         model, compression = build_network(cfg, data.num_classes, rt, log)
         criterion = build_criterion(cfg, data, rt, log)
-        steps_per_epoch = len(data.train_loader) // cfg.train.accum_steps
-        optimizer, scheduler, scaler, schedule = build_optimizer(cfg, model, rt, steps_per_epoch)
-        state, best_miou = resume(cfg, model, optimizer, scheduler, scaler, rt, log)
-        ddp_model = wrap_ddp(model, rt)
+        optimizer, scheduler, scaler, schedule = build_optimizer(cfg, model, rt, data.train_sampler.steps())
+        state, best_miou = resume(cfg, model, optimizer, scheduler, scaler, rt, schedule, log)
+        ddp_model = wrap_ddp(model, rt)  # after resume: DDP starts every rank from rank 0's restored weights
         writer = start_logging(cfg, rt, schedule, log)
         run = Run(cfg, rt, data, model, ddp_model, criterion, optimizer, scheduler, scaler, compression, writer, log)
-        return fit(run, state, best_miou, schedule)
+        return fit(run, state, best_miou, schedule, stop)
     finally:
+        if data is not None:
+            dist_utils.stop_loader_workers(data.train_loader, data.valid_loader)
         dist_utils.cleanup()
 
 
@@ -79,7 +83,8 @@ def setup_runtime(cfg: Config) -> dist_utils.Runtime:
     """Join the process group and pick device and precision (every such choice is made in distributed.setup)."""
     try:
         rt = dist_utils.setup(cfg.train.device, cfg.train.backend, cfg.train.amp, cfg.model.channels_last,
-                              augment_on=cfg.data.augment_on, color_jitter=cfg.data.color_jitter)
+                              timeout_s=cfg.train.dist_timeout_s, augment_on=cfg.data.augment_on,
+                              color_jitter=cfg.data.color_jitter)
     except ValueError as e:
         sys.exit(f"config error: {e}")
     torch.manual_seed(cfg.train.seed)
@@ -95,7 +100,6 @@ class Data:
     train_loader: DataLoader
     valid_loader: DataLoader
     train_sampler: dist_utils.SeededSampler
-    batches_per_epoch: int  # per process, before the loader's own drop_last
     num_classes: int
     palette: list
     train_index: list
@@ -143,22 +147,24 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
     if rt.augment_on_device:
         device_augment = BlurNormalizeBatch(cfg.data.mean, cfg.data.std, cfg.data.blur_kernel)
     valid_set = SegmentationDataset(valid_index, decoder, eval_transform(cfg.data))
-    # DistributedSampler in a world of one too: its shuffle depends only on (seed, epoch), which resume needs.
-    base_sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.train.seed,
-                                      drop_last=True)
-    train_sampler = dist_utils.SeededSampler(base_sampler, cfg.train.seed)
+    # The epoch's order depends only on (seed, epoch), and positions count over all ranks: resume needs both.
+    train_sampler = dist_utils.SeededSampler(len(train_set), rt.rank, rt.world_size, cfg.train.seed,
+                                             cfg.train.batch_size * cfg.train.accum_steps)
+    # Workers ignore SIGTERM/SIGINT, which torchrun and SLURM send to the whole process group: the training
+    # process must outlive them long enough to save last.pt.
     loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=rt.pin_memory,
-                       persistent_workers=cfg.data.num_workers > 0)
+                       persistent_workers=cfg.data.num_workers > 0, worker_init_fn=dist_utils.ignore_stop_signals)
     # drop_last: a last batch of 1 would break DeepLabV3's ASPP pooling BatchNorm and skew BN statistics.
     train_loader = DataLoader(train_set, cfg.train.batch_size, sampler=train_sampler, drop_last=True, **loader_args)
     valid_loader = DataLoader(valid_set, cfg.train.batch_size,
                               sampler=dist_utils.ShardSampler(len(valid_set), rt.rank, rt.world_size),
                               collate_fn=collate_eval, **loader_args)
-    if len(train_loader) == 0:
-        sys.exit(f"data error: {len(train_set)} training images cannot fill one batch of train.batch_size="
-                 f"{cfg.train.batch_size} on each of {rt.world_size} process(es); lower train.batch_size")
-    return Data(train_loader, valid_loader, train_sampler, len(base_sampler) // cfg.train.batch_size, num_classes,
-                palette, train_index, decoder, device_augment)
+    if train_sampler.steps() == 0:
+        sys.exit(f"data error: {len(train_set)} training images cannot fill one step of train.batch_size="
+                 f"{cfg.train.batch_size} x train.accum_steps={cfg.train.accum_steps} on each of {rt.world_size} "
+                 f"process(es); lower train.batch_size or train.accum_steps")
+    return Data(train_loader, valid_loader, train_sampler, num_classes, palette, train_index, decoder,
+                device_augment)
 
 
 # -- model, loss, optimizer ------------------------------------------------------------------------------------------
@@ -253,23 +259,100 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, rt: dist_utils.Runtime,
 
 # -- resume, wrap, log -----------------------------------------------------------------------------------------------
 
-def resume(cfg: Config, model, optimizer, scheduler, scaler, rt: dist_utils.Runtime,
+def resume(cfg: Config, model, optimizer, scheduler, scaler, rt: dist_utils.Runtime, schedule: "Schedule",
            log: Callable) -> tuple[TrainState, float]:
-    """Restore model, optimizer, schedule and counters from train.resume (auto: OUTPUT_DIR/last.pt if present)."""
-    path = cfg.train.resume
-    if path == "auto":
-        last = Path(cfg.output_dir) / "last.pt"
-        path = str(last) if last.is_file() else None
-    if not path:
+    """Restore model, optimizer, schedule and counters from train.resume (auto: OUTPUT_DIR/last.pt if present).
+
+    A checkpoint from another global batch (other world size, batch size or accumulation) continues from the
+    same sample position with the learning rate and step count of the new global batch.
+    """
+    found = resume_checkpoint(cfg, rt)
+    if found is None:
         return TrainState(), -1.0
-    ckpt = load_checkpoint(path, map_location=rt.device)
+    path, ckpt = found
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
     scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    state = TrainState(ckpt["epoch"], ckpt["step"], ckpt["batches_done"])
-    log(f"resumed from {path}: epoch {state.epoch}, step {state.step}, best mIoU {ckpt['best_miou']:.4f}")
+    restore_scaler(scaler, ckpt["scaler"], log)
+    saved_world = ckpt.get("world_size", rt.world_size)
+    saved_batch = ckpt.get("global_batch", schedule.global_batch)
+    # Checkpoints written before samples_done counted batches per process.
+    samples = ckpt.get("samples_done", ckpt.get("batches_done", 0) * cfg.train.batch_size * saved_world)
+    state = TrainState(ckpt["epoch"], ckpt["step"], samples)
+    log(f"resumed from {path}: epoch {state.epoch}, step {state.step}, sample {samples} of the epoch, "
+        f"best mIoU {ckpt['best_miou']:.4f}")
+    if saved_batch != schedule.global_batch:
+        old_lr = optimizer.param_groups[0]["lr"]
+        state.step = state.epoch * schedule.steps_per_epoch + samples // schedule.global_batch
+        rescale_schedule(optimizer, scheduler, schedule, state.step)
+        log(f"global batch changed from {saved_batch} ({saved_world} process(es)) to {schedule.global_batch} "
+            f"({rt.world_size}): lr {old_lr:.4g} -> {optimizer.param_groups[0]['lr']:.4g} (base {schedule.lr:.4g}), "
+            f"step {ckpt['step']} -> {state.step} of {schedule.total_steps}; the epoch goes on from sample {samples}")
     return state, ckpt["best_miou"]
+
+
+def resume_checkpoint(cfg: Config, rt: dist_utils.Runtime) -> Optional[tuple[str, dict]]:
+    """(path, checkpoint) to resume from, the same on every rank, or None; loaded on the CPU.
+
+    Rank 0 decides (output folders need not be shared between nodes); a rank that cannot read the file gets
+    rank 0's copy. A problem on any rank ends every rank with the same message.
+    """
+    decision = None
+    if rt.is_main:
+        decision = resume_decision(cfg.train.resume, Path(cfg.output_dir))
+    decision = dist_utils.broadcast_object(decision, rt)
+    if "error" in decision:
+        sys.exit(f"resume error: {decision['error']}")
+    path = decision["path"]
+    if path is None:
+        return None
+    ckpt, error = None, None
+    if Path(path).is_file():
+        try:  # on the CPU: the optimizer's step counters must stay there (AdamW syncs every step otherwise)
+            ckpt = load_checkpoint(path, map_location="cpu")
+        except CheckpointError as e:
+            error = str(e)
+    missing, failed = float(ckpt is None and error is None), float(error is not None)
+    if rt.world_size > 1:
+        missing, failed = dist_utils.all_reduce_max([missing, failed], rt.device)
+    if failed:
+        sys.exit(f"resume error on rank {rt.rank}: {error}" if error else
+                 f"resume error: another rank cannot load {path}; see its message")
+    if missing:  # this node (or another) has no copy of the file: everyone takes rank 0's
+        ckpt = dist_utils.broadcast_object(ckpt, rt)
+    return path, ckpt
+
+
+def resume_decision(resume: Optional[str], out_dir: Path) -> dict:
+    """What train.resume means here: {"path": file or None}, or {"error": message}."""
+    if not resume:
+        return {"path": None}
+    if resume == "auto":
+        last = out_dir / "last.pt"
+        return {"path": str(last) if last.is_file() else None}
+    if not Path(resume).is_file():
+        return {"error": f"train.resume={resume} does not exist; pass a last.pt written by train.py, or "
+                         f"train.resume=auto to continue from {out_dir / 'last.pt'} when there is one"}
+    return {"path": resume}
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict, log: Callable) -> None:
+    """The gradient scaler's state, when both runs use one (fp16); a precision change starts it fresh."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+    elif scaler.is_enabled() or saved:
+        log("note: the checkpoint was trained with another precision (train.amp); "
+            + ("the fp16 gradient scaler starts fresh" if scaler.is_enabled() else "its gradient scaler is unused"))
+
+
+def rescale_schedule(optimizer, scheduler, schedule: "Schedule", step: int) -> None:
+    """Put the restored optimizer and LambdaLR on this run's base learning rate, at this step of its schedule."""
+    scheduler.base_lrs = [schedule.lr] * len(optimizer.param_groups)
+    scheduler.last_epoch = step
+    for group in optimizer.param_groups:
+        group["initial_lr"] = schedule.lr
+        group["lr"] = schedule.lr * schedule.lr_factor(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def wrap_ddp(model: torch.nn.Module, rt: dist_utils.Runtime) -> torch.nn.Module:
@@ -314,25 +397,38 @@ class Run:
     log: Callable
 
 
-def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule) -> int:
-    """Train epoch by epoch, validate, save last.pt and best.pt; stop cleanly on SIGTERM. Returns the exit code."""
+class StopSignal:
+    """Remembers SIGTERM and SIGINT (preemption, scancel, Ctrl-C; torchrun forwards both) so the loop can save."""
+
+    def __init__(self):
+        self.signum = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop: StopSignal) -> int:
+    """Train epoch by epoch, validate, save last.pt and best.pt; on a signal save and stop. Returns the exit code."""
     cfg, rt, log, out_dir = run.cfg, run.rt, run.log, Path(run.cfg.output_dir)
-    # SIGTERM (preemption, scancel, Ctrl-C): finish the current step, save last.pt, exit cleanly.
-    stop_signal = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
     try:
         while state.epoch < cfg.train.epochs and state.step < schedule.max_steps:
             epoch_start = time.time()
-            torch.manual_seed(cfg.train.seed + state.epoch)  # dropout draws depend on the epoch, not on history
-            run.data.train_sampler.set_epoch(state.epoch, skip=state.batches_done * cfg.train.batch_size)
-            train_one_epoch(run.ddp_model, run.criterion, run.optimizer, run.scheduler, run.scaler,
-                            run.data.train_loader, rt, state, cfg.train.accum_steps, cfg.train.grad_clip,
-                            schedule.max_steps, lambda: bool(stop_signal),
-                            lambda scalars: log_scalars(run.writer, scalars, state.step), cfg.train.log_every,
-                            run.data.device_augment)
-            if state.batches_done >= run.data.batches_per_epoch:  # the epoch is complete
-                state.epoch, state.batches_done = state.epoch + 1, 0
-            if stop_signal:  # preempted: save quickly and go; resume continues from the next batch
+            run.data.train_sampler.set_epoch(state.epoch, start=state.samples_done)
+            stopped = train_one_epoch(
+                run.ddp_model, run.criterion, run.optimizer, run.scheduler, run.scaler, run.data.train_loader, rt,
+                state, cfg.train.accum_steps, cfg.train.grad_clip, schedule.max_steps, stop,
+                functools.partial(log_scalars, run.writer), cfg.train.log_every, run.data.device_augment,
+                functools.partial(save_periodically, run, state, best_miou), cfg.train.seed)
+            if run.data.train_sampler.steps(state.samples_done) == 0:  # the epoch is complete
+                state.epoch, state.samples_done = state.epoch + 1, 0
+            # Every rank takes the same branch: the flag was reduced over ranks (here once per epoch).
+            stopped = stopped or any_rank(stop(), rt)
+            if stopped:  # preempted: save quickly and go; resume continues from the next sample
                 if rt.is_main:
                     save_checkpoint(make_checkpoint(run, state, best_miou, -1.0), out_dir / "last.pt")
                 log(f"stopped by signal at step {state.step}; saved {out_dir / 'last.pt'}, "
@@ -360,6 +456,18 @@ def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule) -> in
         if run.writer is not None:
             run.writer.close()
     return 0
+
+
+def any_rank(flag: bool, rt: dist_utils.Runtime) -> bool:
+    """True on every rank when flag is True on some rank."""
+    return bool(dist_utils.all_reduce_max([float(flag)], rt.device)[0])
+
+
+def save_periodically(run: Run, state: TrainState, best_miou: float) -> None:
+    """last.pt every train.save_every optimizer steps (rank 0), so a killed job loses at most that many steps."""
+    every = run.cfg.train.save_every
+    if every and state.step % every == 0 and run.rt.is_main:
+        save_checkpoint(make_checkpoint(run, state, best_miou, -1.0), Path(run.cfg.output_dir) / "last.pt")
 
 
 def validate(run: Run, state: TrainState) -> float:
@@ -408,7 +516,9 @@ def make_checkpoint(run: Run, state: TrainState, best_miou: float, miou: float) 
             "model": run.model.state_dict(), "classes": list(cfg.data.classes), "palette": run.data.palette,
             "ignore_index": cfg.data.ignore_index, "mean": cfg.data.mean, "std": cfg.data.std,
             "eval_size": cfg.data.eval_size, "config": to_dict(cfg), "epoch": state.epoch, "step": state.step,
-            "batches_done": state.batches_done, "best_miou": max(best_miou, miou), "miou": miou,
+            "samples_done": state.samples_done, "world_size": run.rt.world_size,
+            "global_batch": cfg.train.batch_size * run.rt.world_size * cfg.train.accum_steps,
+            "best_miou": max(best_miou, miou), "miou": miou,
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "versions": versions()}
     if run.compression:  # a pruned model: its widths are not the registry's, so the record must travel along
