@@ -281,10 +281,13 @@ def resume(cfg: Config, model, optimizer, scheduler, scaler, rt: dist_utils.Runt
     state = TrainState(ckpt["epoch"], ckpt["step"], samples)
     log(f"resumed from {path}: epoch {state.epoch}, step {state.step}, sample {samples} of the epoch, "
         f"best mIoU {ckpt['best_miou']:.4f}")
+    old_lr = optimizer.param_groups[0]["lr"]
     if saved_batch != schedule.global_batch:
-        old_lr = optimizer.param_groups[0]["lr"]
         state.step = state.epoch * schedule.steps_per_epoch + samples // schedule.global_batch
-        rescale_schedule(optimizer, scheduler, schedule, state.step)
+    # This run's schedule from here on (its length may differ, e.g. more epochs): LambdaLR would apply it
+    # only from the next step, and the restored base_lrs / initial_lr are the old run's.
+    rescale_schedule(optimizer, scheduler, schedule, state.step)
+    if saved_batch != schedule.global_batch:
         log(f"global batch changed from {saved_batch} ({saved_world} process(es)) to {schedule.global_batch} "
             f"({rt.world_size}): lr {old_lr:.4g} -> {optimizer.param_groups[0]['lr']:.4g} (base {schedule.lr:.4g}), "
             f"step {ckpt['step']} -> {state.step} of {schedule.total_steps}; the epoch goes on from sample {samples}")

@@ -11,7 +11,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -100,15 +99,17 @@ def test_sigterm_to_torchrun_with_loader_workers_saves_and_resumes_bitwise(refer
     proc = start(train_command(root, out, *RUN, torchrun=2, port=port()))
     wait_for(proc, "epoch 1 1/")
     proc.send_signal(signal.SIGTERM)
+    tic = time.monotonic()
     output = proc.stdout.read()
     proc.wait(timeout=90)
     stopped = re.search(r"stopped by signal at step (\d+)", output)
     assert stopped, output[-3000:]
     assert "killed by signal" not in output and f'File "{REPO / "train.py"}"' not in output, output[-3000:]
+    # The workers ended by themselves: torchrun waits 30 s before it kills what is left. (The launcher then
+    # re-raises the signal it got, torchrun's own behaviour, so its exit code is not the workers'.)
+    assert "Unable to shutdown" not in output and time.monotonic() - tic < 25, output[-3000:]
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["step"] == int(stopped.group(1)) < 6
-    # The agent itself re-raises the signal it got (torchrun's own behaviour); the workers exited 0.
-    assert "exitcode" not in output, output[-3000:]
     result = train(root, out, *RUN, "train.resume=auto", torchrun=2, port=port())
     assert result.returncode == 0, result.stderr[-3000:]
     assert same_weights(straight, load_checkpoint(out / "last.pt")["model"])
@@ -173,23 +174,26 @@ def test_resume_on_another_world_size_trains_each_sample_once_at_its_lr(tmp_path
 def test_model_without_aux_weight_trains_on_two_ranks(tmp_path):
     from segpipe.predict import Predictor
     root, out = dataset(tmp_path / "data"), tmp_path / "aux"
-    result = train(root, out, "model.name=deeplabv3_mobilenet_v3_large", "model.aux_weight=0", "train.max_steps=1",
+    # DDP fails on the second step when a head had no gradient in the first.
+    result = train(root, out, "model.name=deeplabv3_mobilenet_v3_large", "model.aux_weight=0", "train.max_steps=2",
                    torchrun=2, port=port())
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["step"] == 1 and not any(k.startswith("aux_classifier") for k in ckpt["model"])
+    assert ckpt["step"] == 2 and not any(k.startswith("aux_classifier") for k in ckpt["model"])
     image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
     assert Predictor.from_file(out / "best.pt", "cpu").predict(image).shape == (40, 56)
 
 
 def test_accumulation_remainder_does_not_leak_into_the_next_epoch(tmp_path):
-    """6 images, batch 2, accum_steps 2: 3 micro-batches an epoch, the third cannot fill a step."""
+    """6 images, batch 2, accum_steps 2: 3 micro-batches an epoch, the third cannot fill a step. A run that
+    stops after epoch 0 and resumes must match one that does not stop (poly schedule: the same lr per step)."""
     root = dataset(tmp_path / "data", n_train=6)
-    args = ["train.epochs=2", "train.accum_steps=2"]
-    assert train(root, tmp_path / "straight", *args).returncode == 0
-    assert train(root, tmp_path / "resumed", *args, "train.max_steps=1").returncode == 0  # ends epoch 0
-    result = train(root, tmp_path / "resumed", *args, "train.resume=auto")
+    args = ["train.accum_steps=2", "train.warmup_steps=0"]
+    assert train(root, tmp_path / "straight", *args, "train.epochs=2").returncode == 0
+    assert train(root, tmp_path / "resumed", *args, "train.epochs=1").returncode == 0
+    result = train(root, tmp_path / "resumed", *args, "train.epochs=2", "train.resume=auto")
     assert result.returncode == 0, result.stderr
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 2
     assert same_weights(load_checkpoint(tmp_path / "straight" / "last.pt")["model"],
                         load_checkpoint(tmp_path / "resumed" / "last.pt")["model"])
 
@@ -368,7 +372,7 @@ def train_arguments(command: list) -> list:
     return command[at + 1:]
 
 
-def check_accepted(arguments: list, tmp_path: Path) -> None:
+def check_accepted(arguments: list) -> None:
     args = train_script.get_args_parser().parse_args([a.replace("$", "X") for a in arguments])
     config = REPO / args.config
     assert config.is_file(), args.config
@@ -376,7 +380,7 @@ def check_accepted(arguments: list, tmp_path: Path) -> None:
     assert cfg.train.resume == "auto" and cfg.train.save_every, "restarts need resume=auto and periodic saves"
 
 
-def test_slurm_script_runs_a_command_train_py_accepts(tmp_path):
+def test_slurm_script_runs_a_command_train_py_accepts():
     text = (REPO / "deploy/slurm/train.sbatch").read_text()
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=" in text and "scontrol requeue" in text
     lines = [line.strip() for line in text.replace("\\\n", " ").splitlines()]
@@ -384,10 +388,10 @@ def test_slurm_script_runs_a_command_train_py_accepts(tmp_path):
     assert len(srun) == 1
     command = shlex.split(srun[0].rstrip("&"))
     assert "--rdzv-backend=c10d" in command and any(a.startswith("--max-restarts=") for a in command)
-    check_accepted(train_arguments(command), tmp_path)
+    check_accepted(train_arguments(command))
 
 
-def test_kubernetes_job_runs_a_command_train_py_accepts(tmp_path):
+def test_kubernetes_job_runs_a_command_train_py_accepts():
     documents = [d for f in sorted((REPO / "deploy/k8s").glob("*.yaml"))
                  for d in yaml.safe_load_all(f.read_text()) if d]
     jobs = [d for d in documents if d["kind"] == "PyTorchJob"]
@@ -396,4 +400,4 @@ def test_kubernetes_job_runs_a_command_train_py_accepts(tmp_path):
         assert job["spec"]["elasticPolicy"]["maxRestarts"] >= 1
         for replica in job["spec"]["pytorchReplicaSpecs"].values():
             container = replica["template"]["spec"]["containers"][0]
-            check_accepted(train_arguments(container["command"] + container.get("args", [])), tmp_path)
+            check_accepted(train_arguments(container["command"] + container.get("args", [])))
