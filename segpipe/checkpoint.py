@@ -101,37 +101,46 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 # What train.py's last.pt holds besides the metadata, to continue a run where it stopped.
-RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "batches_done", "best_miou")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_miou")
 
 
-def resume_from(path: str | Path, run: str, model: torch.nn.Module, optimizer, scheduler, scaler,
-                map_location: str | torch.device = "cpu") -> dict:
-    """Load a last.pt into this run's training objects and return it; run describes this run's model.
+def _resume_fix(path: str | Path) -> str:
+    return (f"delete {path} to start afresh, or set output_dir to a new folder (or train.resume to the "
+            f"checkpoint of this run)")
+
+
+def load_resume_checkpoint(path: str | Path) -> dict:
+    """A last.pt to continue from, loaded on the CPU; CheckpointError names what the file holds and what to do."""
+    try:
+        ckpt = load_checkpoint(path, "cpu")
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}; {_resume_fix(path)}") from None
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: it holds {_holds(ckpt)} but no training state "
+                              f"({', '.join(missing)} missing; an inference artefact?); {_resume_fix(path)}")
+    return ckpt
+
+
+def restore_training(ckpt: dict, path: str | Path, run: str, model: torch.nn.Module, optimizer, scheduler) -> None:
+    """Load a last.pt's weights, optimizer and schedule into this run's objects; run describes this run's model.
 
     Raises CheckpointError naming what the file holds and what to do, instead of pages of state-dict keys.
     """
-    fix = (f"delete {path} to start afresh, or set output_dir to a new folder (or train.resume to the "
-           f"checkpoint of this run)")
-    try:
-        ckpt = load_checkpoint(path, map_location)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot resume: {e}; {fix}") from None
-    holds = f"a {ckpt.get('model_name', 'model of unknown architecture')} with {ckpt.get('num_classes', '?')} classes"
-    missing = [k for k in RESUME_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"cannot resume from {path}: it holds {holds} but no training state "
-                              f"({', '.join(missing)} missing; an inference artefact?); {fix}")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
-        raise CheckpointError(f"cannot resume from {path}: it holds {holds}, this run trains {run} "
-                              f"({detail[:150]}); {fix}") from None
+        raise CheckpointError(f"cannot resume from {path}: it holds {_holds(ckpt)}, this run trains {run} "
+                              f"({detail[:150]}); {_resume_fix(path)}") from None
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"cannot resume from {path}: its optimizer or schedule state does not fit this run "
-                              f"({str(e).splitlines()[0][:150]}; was train.optimizer changed?); {fix}") from None
-    return ckpt
+                              f"({str(e).splitlines()[0][:150]}; was train.optimizer changed?); "
+                              f"{_resume_fix(path)}") from None
+
+
+def _holds(ckpt: dict) -> str:
+    return f"a {ckpt.get('model_name', 'model of unknown architecture')} with {ckpt.get('num_classes', '?')} classes"

@@ -108,6 +108,10 @@ class TrainConfig:
     log_every: int = field(default=20, metadata=AT_LEAST_1)  # steps between plain log lines and TensorBoard scalars
     num_vis: int = field(default=4, metadata=AT_LEAST_0)  # image | truth | prediction panels written to TensorBoard per validation
     backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
+    # How long a rank waits for the others in a collective before failing (a first index scan on a network
+    # file system can take minutes while the other ranks wait).
+    dist_timeout_s: float = 600.0
+    save_every: Optional[int] = None  # also save last.pt every N optimizer steps (preemptible machines)
     device: Optional[str] = None  # None: cuda if available, else cpu
 
 

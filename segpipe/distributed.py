@@ -4,9 +4,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -62,14 +64,29 @@ def setup(device: Optional[str] = None, backend: Optional[str] = None, amp: str 
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # training crops have one fixed size: pick the fastest kernels once
     if world_size > 1 and not dist.is_initialized():
         # A bounded timeout: if a peer dies mid-collective the survivors fail instead of hanging.
-        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"),
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=timeout,
+                                device_id=dev if dev.type == "cuda" else None, **restart_store(timeout))
     amp_dtype, scaler = resolve_amp(amp, dev)
     on_device = resolve_augment_on(augment_on, dev, color_jitter)
     return Runtime(rank, local_rank, world_size, dev, amp_dtype, scaler, channels_last, on_device)
+
+
+def restart_store(timeout: datetime.timedelta) -> dict:
+    """Under torchrun, init_process_group arguments with a store prefix of its own for each restart attempt.
+
+    torchrun (torch 2.14) hands restarted workers the same agent store, where the first attempt's peer
+    addresses are still written: a group restarted after a lost rank (--max-restarts) then fails to connect
+    ("Connection refused"). Plain `python` and other launchers: no change.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    return dict(store=dist.PrefixStore(f"segpipe/attempt_{attempt}", store), rank=rank, world_size=world_size)
 
 
 def resolve_amp(mode: str, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
@@ -79,7 +96,8 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[Optional[torch.dtype],
     if mode == "none":
         return None, False
     if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
+        # Native bf16 needs compute capability 8.0 (Ampere); is_bf16_supported() also counts emulation.
+        bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
         if mode == "fp16" or (mode == "auto" and not bf16):
             return torch.float16, True
         return torch.bfloat16, False
@@ -110,6 +128,38 @@ def cpu_supports_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: SIGTERM/SIGINT are for the training process, which saves before it exits.
+
+    torchrun and SLURM signal the whole process group; a worker killed by them would fail the main process
+    before it can save. Workers still end with their parent (the DataLoader watches it).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_loader_workers(*loaders) -> None:
+    """End persistent DataLoader workers now, also when an error is on its way out.
+
+    They ignore SIGTERM (ignore_stop_signals), so the terminate() that multiprocessing sends at exit to
+    workers still alive (kept alive by the error's traceback) would leave the process waiting for them.
+    DataLoader has no public call for this; _shutdown_workers is what its own __del__ runs.
+    """
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+def broadcast_object(obj, rt: "Runtime"):
+    """Rank 0's obj on every rank (a path, a flag, a state dict); obj as is in a world of one."""
+    if rt.world_size == 1:
+        return obj
+    box = [obj if rt.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=rt.device if rt.device.type == "cuda" else None)
+    return box[0]
 
 
 def cleanup() -> None:
@@ -144,25 +194,41 @@ class ShardSampler(Sampler[int]):
 
 
 class SeededSampler(Sampler):
-    """Wraps a sampler to yield (index, seed) pairs, so each sample's augmentation depends only on
-    (train.seed, epoch, index): the same with any number of workers, and after a resume mid-epoch.
-    `skip` drops the first indices of the epoch (the batches done before an interruption)."""
+    """This rank's share of an epoch's shuffled order, as (index, seed) pairs.
 
-    def __init__(self, sampler, seed: int):
-        self.sampler, self.seed, self.epoch, self.skip = sampler, seed, 0, 0
+    The order is a function of (seed, epoch) only, as DistributedSampler's is, and rank r takes positions
+    start + r, start + r + world, ...: after k global micro-batches the first k * batch * world positions are
+    done whatever the world size, so `start` (global samples already trained this epoch) resumes on any
+    number of processes with every sample trained once. Each rank gets whole optimizer steps
+    (step_samples = batch_size * accum_steps per rank); a tail too short for one global step is left out,
+    as drop_last does. The seed of each sample's augmentation depends only on (seed, epoch, index).
+    """
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, step_samples: int):
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.step_samples, self.epoch, self.start = seed, step_samples, 0, 0
+        self.trace = os.environ.get("SEGPIPE_TRACE_SAMPLES")  # debugging: a folder to list the indices in
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def steps(self, start: int = 0) -> int:
+        """Optimizer steps in this epoch from global position start."""
+        return max(0, self.num_samples - start) // (self.world_size * self.step_samples)
 
     def __iter__(self):
-        for n, i in enumerate(self.sampler):
-            if n >= self.skip:
-                yield int(i), (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's shuffle
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        positions = range(self.start + self.rank, self.start + len(self) * self.world_size, self.world_size)
+        indices = [order[p] for p in positions]
+        for i in indices:
+            if self.trace:  # what this rank's loader asked for (with num_workers=0: exactly what it trained)
+                with open(Path(self.trace) / f"rank{self.rank}-{os.getpid()}.txt", "a") as f:
+                    f.write(f"{self.epoch} {i}\n")
+            yield i, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
 
     def __len__(self) -> int:
-        return len(self.sampler) - self.skip
+        return self.steps(self.start) * self.step_samples
 
 
 def report_failure(message: str) -> None:

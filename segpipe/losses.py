@@ -37,10 +37,10 @@ class SegmentationLoss(nn.Module):
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = logits.new_zeros((), dtype=torch.float32)
-        if "ce" in self.kind:
+        if self.kind in ("ce", "ce+dice"):  # not a substring test: "ce" is in "dice"
             loss = loss + nnf.cross_entropy(logits.float(), target, weight=self.class_weights,
                                             ignore_index=self.ignore_index)
-        if "dice" in self.kind:
+        if self.kind in ("dice", "ce+dice"):
             loss = loss + dice_loss(logits, target, self.ignore_index)
         return loss
 

@@ -48,7 +48,9 @@ _OTHERS: dict[str, Callable[..., nn.Module]] = {"unet": _unet, "resnet50_convhea
 MODEL_NAMES = sorted(_TORCHVISION) + sorted(_OTHERS)
 # Architecture options (model.KEY in the config) and the models that read them; null keeps the default.
 OPTIONS = {"encoder": ("unet",), "output_stride": ("resnet50_convhead",), "head_depth": ("resnet50_convhead",),
-           "head_width": ("resnet50_convhead",)}
+           "head_width": ("resnet50_convhead",),
+           # False: no auxiliary classifier (set from model.aux_weight=0: an unused head breaks DDP, costs compute)
+           "aux_head": tuple(sorted(n for n, entry in _TORCHVISION.items() if entry[3]))}
 
 
 def build_model(name: str, num_classes: int, weights: str = "none", options: dict | None = None) -> nn.Module:
@@ -85,6 +87,8 @@ def build_model(name: str, num_classes: int, weights: str = "none", options: dic
             backbone = imagenet if weights == "imagenet" else None
             model = _download(lambda: builder(weights=None, weights_backbone=backbone, num_classes=num_classes,
                                               **kwargs), name, weights)
+    if options.get("aux_head") is False:
+        model.aux_classifier = None  # torchvision's forward skips it; built first so COCO weights still load
     if is_path:
         load_pretrained(model, weights)
     return model
@@ -93,7 +97,10 @@ def build_model(name: str, num_classes: int, weights: str = "none", options: dic
 def model_options(model_config: object) -> dict:
     """The architecture options set in a ModelConfig (or its dict), for build_model and the checkpoint."""
     get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
-    return {k: get(k) for k in OPTIONS if get(k) is not None}
+    options = {k: get(k) for k in OPTIONS if get(k) is not None}
+    if get("aux_weight") == 0 and get("name") in OPTIONS["aux_head"]:
+        options["aux_head"] = False
+    return options
 
 
 def _download(build: Callable[[], nn.Module], name: str, weights: str) -> nn.Module:

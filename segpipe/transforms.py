@@ -170,6 +170,8 @@ class BlurNormalizeBatch:
         self.kernel_size = kernel_size
 
     def __call__(self, images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        if self.scale.device != images.device:  # copied to the device once, not on every batch
+            self.scale, self.shift = self.scale.to(images.device), self.shift.to(images.device)
         return gaussian_blur(images, self.kernel_size, sigmas, self.scale, self.shift)
 
 

@@ -25,13 +25,18 @@ def data_args(root, out):
     return [f"data.root={root}", "data.classes=[a,b,c]", f"output_dir={out}"]
 
 
-def train(root, out, *extra, timeout=240, torchrun=0, port=None):
+def train_command(root, out, *extra, torchrun=0, port=None, launcher_args=()) -> list:
+    """train.py with the tiny settings, alone or under torchrun with that many processes."""
     launcher = [sys.executable, str(REPO / "train.py")]
     if torchrun:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-                    "--master_addr=127.0.0.1", f"--master_port={port}", str(REPO / "train.py")]
-    cmd = launcher + ["--config", str(REPO / "configs/default.yaml")] + TINY + data_args(root, out) + list(extra)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env(), cwd=REPO)
+                    *(launcher_args or ["--master_addr=127.0.0.1", f"--master_port={port}"]), str(REPO / "train.py")]
+    return launcher + ["--config", str(REPO / "configs/default.yaml")] + TINY + data_args(root, out) + list(extra)
+
+
+def train(root, out, *extra, timeout=240, torchrun=0, port=None, env=None):
+    cmd = train_command(root, out, *extra, torchrun=torchrun, port=port)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or run_env(), cwd=REPO)
 
 
 def test_single_process_run_writes_checkpoints_and_logs(make_dataset, tmp_path):
@@ -89,15 +94,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_dataset, tmp_pat
     assert (out / "last.pt").read_bytes() == good
 
 
-def test_sigterm_saves_last_checkpoint_and_exits_cleanly(make_dataset, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])  # preemption / scancel; Ctrl-C
+def test_stop_signal_saves_last_checkpoint_and_exits_cleanly(make_dataset, tmp_path, signum):
     root, out = make_dataset(n_train=4, n_valid=2), tmp_path / "term"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/default.yaml")] + TINY + \
-        data_args(root, out) + ["train.epochs=1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env(),
-                            cwd=REPO)
+    proc = subprocess.Popen(train_command(root, out, "train.epochs=1000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=run_env(), cwd=REPO)
     for line in proc.stdout:
         if line.startswith("epoch 1 1/"):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             break
     output = proc.stdout.read()
     assert proc.wait(timeout=60) == 0, output
