@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 
 from conftest import REPO, random_mask, run_env, write_pair
+from segpipe import checkpoint as checkpoint_module
 from segpipe import distributed as dist_utils
 from segpipe.checkpoint import load_checkpoint, save_checkpoint
 from segpipe.config import load_config
@@ -282,7 +283,9 @@ def test_rank_zero_decides_what_to_resume_from(tmp_path):
     """Two nodes without a shared output folder: only rank 0's has last.pt; rank 1 gets it by broadcast."""
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     node1.mkdir()
-    save_checkpoint({"format": "segpipe-checkpoint", "step": 7}, node0 / "last.pt")
+    # A last.pt carries the training state (checkpoint.RESUME_KEYS); resume refuses files without it.
+    save_checkpoint({"format": "segpipe-checkpoint", "model": {}, "optimizer": {}, "scheduler": {}, "scaler": {},
+                     "epoch": 0, "step": 7, "best_miou": -1.0}, node0 / "last.pt")
     results = mp.get_context("spawn").Queue()
     mp.start_processes(resume_on_two_ranks, args=(2, port(), [str(node0), str(node1)], results), nprocs=2,
                        start_method="spawn")
@@ -328,10 +331,11 @@ def test_process_group_timeout_comes_from_the_config(monkeypatch):
 
 def test_resume_loads_the_checkpoint_on_the_cpu_for_a_gpu_run(tmp_path, monkeypatch):
     """The optimizer's step counters must stay on the CPU (AdamW syncs with the GPU every step otherwise)."""
-    save_checkpoint({"format": "segpipe-checkpoint", "step": 3}, tmp_path / "last.pt")
+    save_checkpoint({"format": "segpipe-checkpoint", "model": {}, "optimizer": {}, "scheduler": {}, "scaler": {},
+                     "epoch": 0, "step": 3, "best_miou": -1.0}, tmp_path / "last.pt")
     seen = []
-    real = train_script.load_checkpoint
-    monkeypatch.setattr(train_script, "load_checkpoint",
+    real = checkpoint_module.load_checkpoint
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint",
                         lambda path, map_location="cpu": (seen.append(map_location), real(path, map_location))[1])
     cfg = load_config(None, [f"output_dir={tmp_path}", "train.resume=auto"])
     gpu = Runtime(0, 0, 1, torch.device("cuda", 0), torch.bfloat16, False)
