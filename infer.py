@@ -3,7 +3,8 @@
 For each image writes OUT/NAME_mask.png (the class index of every pixel, as a palette PNG: viewers show the
 class colours, programs read the indices) and OUT/NAME_overlay.jpg (the image blended with the class colours,
 with a legend of the classes present), and prints each class's share of the image and the time taken.
-Without --checkpoint it uses the best checkpoint of the latest training run (the newest runs/*/best.pt).
+Without --checkpoint it uses the best.pt of the newest finished training run in runs/ (and asks for --checkpoint
+when finished runs predict different classes).
 The predictions are those evaluate.py scores: both go through segpipe.predict.Predictor.
 """
 import argparse
@@ -25,7 +26,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders (their images, not *_mask.png) or globs")
     parser.add_argument("--checkpoint", help="a best.pt/last.pt of train.py or a compressed artefact "
-                                             "(default: the newest runs/*/best.pt)")
+                                             "(default: the best.pt of the newest finished run in runs/)")
     parser.add_argument("--out", default="predictions", help="folder for NAME_mask.png and NAME_overlay.jpg")
     parser.add_argument("--tta", action="store_true", help=f"test-time augmentation: horizontal flip and scales "
                                                            f"{', '.join(map(str, TTA_SCALES))} (about 6x slower)")
@@ -71,7 +72,7 @@ if __name__ == "__main__":
     except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
-        print(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
+        print(f"using {checkpoint}, from the newest finished run (--checkpoint chooses another)")
     from segpipe.visualize import colorize, overlay  # after the checks: a wrong --checkpoint answers fast
 
     # -- inputs ------------------------------------------------------------------------------------------------

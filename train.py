@@ -17,12 +17,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from segpipe import distributed as dist_utils
-from segpipe.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint, versions
+from segpipe.checkpoint import (FINISHED, FORMAT, CheckpointError, load_checkpoint, mark_finished, save_checkpoint,
+                                versions)
 from segpipe.compress import is_artefact, model_from_checkpoint
 from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
 from segpipe.config import ConfigError, load_config, to_dict
-from segpipe.data import (DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, discover_labels,
-                          load_index)
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, load_index
+from segpipe.discover import apply_discovery, clamp_crop
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
 from segpipe.models import ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options
@@ -68,15 +69,11 @@ if __name__ == "__main__":
         valid_index = load_index(cfg.data.root, "valid", cfg.data.cache_dir, cfg.data.skip_unpaired)
         if rt.local_rank == 0 and rt.world_size > 1:
             torch.distributed.barrier()
-        if cfg.data.classes is None:  # no class list yet: name the labels found in the masks class_0, class_1, ...
-            found = discover_labels(train_index, cfg.data.mask_format, cfg.data.ignore_index)
-            if cfg.data.mask_format == "rgb":
-                cfg.data.palette = cfg.data.palette or found
-                cfg.data.classes = [f"class_{i}" for i in range(len(cfg.data.palette))]
-            else:
-                cfg.data.classes = [f"class_{i}" for i in range(max(found) + 1)]
-            log(f"data.classes is not set: found labels {found} in the training masks; using {cfg.data.classes}. "
-                f"Name them in your config (data.classes: [road, car, ...]) in this order.")
+        if cfg.data.classes is None:  # no class list yet: the same detection as `python -m segpipe.discover`
+            log(apply_discovery(cfg.data, train_index))
+        crop_note = clamp_crop(cfg.data, train_index)
+        if crop_note:
+            log(crop_note)
         num_classes = len(cfg.data.classes)
         if cfg.data.palette:
             palette = [list(c) for c in cfg.data.palette]
@@ -99,8 +96,8 @@ if __name__ == "__main__":
     base_sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.train.seed,
                                       drop_last=True)
     train_sampler = dist_utils.SeededSampler(base_sampler, cfg.train.seed)
-    loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=rt.pin_memory,
-                       persistent_workers=cfg.data.num_workers > 0)
+    num_workers = dist_utils.resolve_num_workers(cfg.data.num_workers)
+    loader_args = dict(num_workers=num_workers, pin_memory=rt.pin_memory, persistent_workers=num_workers > 0)
     # drop_last: a last batch of 1 would break DeepLabV3's ASPP pooling BatchNorm and skew BN statistics.
     train_loader = DataLoader(train_set, cfg.train.batch_size, sampler=train_sampler, drop_last=True, **loader_args)
     valid_loader = DataLoader(valid_set, cfg.train.batch_size,
@@ -217,8 +214,9 @@ if __name__ == "__main__":
     writer = None
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / FINISHED).unlink(missing_ok=True)  # training again: not finished until it ends
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        log(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        log(f"config (resolved): {out_dir / 'config.yaml'}")
         log(f"{rt.world_size} process(es) on {rt.device}, amp={rt.amp_dtype}, channels_last={rt.channels_last}, "
             f"global batch {global_batch}, lr {lr:.4g}, {steps_per_epoch} steps/epoch, {total_steps} steps"
             + (f" (stopping after {max_steps})" if max_steps < total_steps else ""))
@@ -297,5 +295,10 @@ if __name__ == "__main__":
     finally:
         if writer is not None:
             writer.close()
+    if rt.is_main and exit_code == 0 and not stop_signal:
+        mark_finished(out_dir, cfg.data.classes, best_miou)
+        log(f"done: best validation mIoU {best_miou:.4f}, {out_dir / 'best.pt'}\n"
+            f"next: python evaluate.py {out_dir / 'best.pt'}\n"
+            f"      python infer.py IMAGES --checkpoint {out_dir / 'best.pt'}")
     dist_utils.cleanup()
     sys.exit(exit_code)

@@ -1,6 +1,7 @@
 """Atomic checkpoint saves, safe loads (weights_only=True), self-describing contents."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 import torchvision
 
 FORMAT = "segpipe-checkpoint"
+FINISHED = "finished.json"  # written into a run folder when training ends normally; removed when it starts again
 
 
 class CheckpointError(ValueError):
@@ -57,3 +59,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a segpipe checkpoint (no format={FORMAT!r} entry); "
                               f"raw weights go to training as model.weights={path}")
     return obj
+
+
+def mark_finished(run_dir: str | Path, classes: list, best_miou: float) -> None:
+    """Record that the run in run_dir ended normally (infer.py and evaluate.py pick only finished runs)."""
+    path = Path(run_dir) / FINISHED
+    tmp = path.with_name(f".{FINISHED}.tmp")
+    tmp.write_text(json.dumps({"classes": list(classes), "best_miou": best_miou}) + "\n")
+    os.replace(tmp, path)
+
+
+def read_finished(run_dir: str | Path) -> dict | None:
+    """The finished record of a run folder, or None while it trains, after a stop, or if unreadable."""
+    try:
+        record = json.loads((Path(run_dir) / FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("classes"), list) else None

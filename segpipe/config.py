@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -40,7 +40,7 @@ class DataConfig:
     augment_on: str = "auto"
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    num_workers: int = 2
+    num_workers: Union[int, str] = "auto"  # loader processes per training process; auto: what the CPUs allow
     cache_dir: Optional[str] = None  # where the file index goes if ROOT is read-only
     skip_unpaired: bool = False  # images without a mask: False = stop with an error, True = warn and skip
     synthetic: bool = False  # generate the built-in synthetic street scenes at data.root if missing
@@ -53,9 +53,10 @@ class ModelConfig:
     aux_weight: float = 0.5  # weight of the auxiliary head's loss, where the model has one
     sync_bn: bool = True  # only applies on CUDA with world size > 1
     channels_last: bool = True
-    # BatchNorm momentum override; null keeps the architecture's (MobileNetV3: 0.01, whose running
-    # statistics lag far behind in short runs, so eval-mode predictions collapse; 0.1 suits those).
-    bn_momentum: Optional[float] = None
+    # BatchNorm momentum of every BN layer; null keeps the architecture's own. 0.1 (torch's default) for all:
+    # MobileNetV3's 0.01 leaves the running statistics far behind in short runs, so eval-mode predictions
+    # collapse to one class.
+    bn_momentum: Optional[float] = 0.1
     # Architecture options (null keeps the model's default; setting one a model does not read is an error):
     encoder: Optional[str] = None  # unet: resnet18 | resnet34 | resnet50 (default)
     output_stride: Optional[int] = None  # resnet50_convhead: 8 (default) or 16
@@ -154,6 +155,8 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             kwargs[key] = _build(hint_type, value, prefix=f"{dotted}.")
         else:
             kwargs[key] = _check_type(dotted, value, hint_type)
+            if dotted == "data.num_workers" and (value != "auto" if isinstance(value, str) else value < 0):
+                raise ConfigError(f"data.num_workers={value!r}; use auto or a number of processes (0 or more)")
             if dotted in CHOICES and value not in CHOICES[dotted]:
                 raise ConfigError(f"{dotted}={value!r}; choose one of {', '.join(CHOICES[dotted])}")
     return cls(**kwargs)
