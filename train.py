@@ -26,7 +26,8 @@ from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixe
 from segpipe.discover import apply_discovery, clamp_crop
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
-from segpipe.models import ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options
+from segpipe.models import (ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options,
+                            set_bn_momentum)
 from segpipe.transforms import BlurNormalizeBatch, collate_eval, eval_transform, train_transform
 
 # A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
@@ -127,10 +128,7 @@ if __name__ == "__main__":
                 load_pretrained(model, cfg.train.init_from)
     except (ModelError, CheckpointError) as e:
         sys.exit(f"model error: {e}")
-    if cfg.model.bn_momentum is not None:
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.momentum = cfg.model.bn_momentum
+    set_bn_momentum(model, cfg.model.bn_momentum)
     if has_batchnorm_pooling(model) and cfg.train.batch_size < 2:
         sys.exit(f"{cfg.model.name} has a BatchNorm after global pooling (ASPP) that cannot train on one image per "
                  f"process: set train.batch_size=2 or more")

@@ -109,18 +109,38 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file, apply `section.key=value` overrides and validate into a Config."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; the configs/ folder has examples")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = _read_yaml(Path(path))
+        if "_base_" in raw:  # one level of inheritance: the file's keys override its base's, section by section
+            base_path = Path(path).parent / str(raw.pop("_base_"))
+            base = _read_yaml(base_path)
+            if "_base_" in base:
+                raise ConfigError(f"{base_path} (the _base_ of {path}) has a _base_ itself; configs inherit one "
+                                  f"level only: copy what it inherits into {base_path}")
+            raw = _merge(base, raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value))
     return _build(Config, raw, prefix="")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; the configs/ folder has examples")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def _merge(base: dict, child: dict) -> dict:
+    """base with child's keys on top: sections (data, model, train) merge key by key; values, mappings such as
+    data.label_map included, are replaced whole."""
+    merged = dict(base)
+    for key, value in child.items():
+        merged[key] = base[key] | value if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
 
 
 def to_dict(cfg: Config) -> dict:

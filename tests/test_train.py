@@ -262,7 +262,7 @@ def test_unknown_classes_are_discovered_from_the_masks(make_dataset, tmp_path):
     root = make_dataset(n_train=2, n_valid=1, num_classes=3)
     result = train(root, tmp_path / "disc", "train.max_steps=1", "data.classes=null")
     assert result.returncode == 0, result.stderr
-    assert "found labels [0, 1, 2]" in result.stdout
+    assert "data.classes is not set: 2 of 2 training masks read: class-index masks, 3 classes" in result.stdout
     assert load_checkpoint(tmp_path / "disc" / "last.pt")["classes"] == ["class_0", "class_1", "class_2"]
 
 
