@@ -170,3 +170,20 @@ def test_train_without_classes_detects_and_warns_in_two_lines(tmp_path):
     warning = [line for line in run.stdout.splitlines() if "data.classes is not set" in line]
     assert len(warning) == 1 and "colour-coded (RGB) masks, 3 classes" in warning[0] and "void (0, 0, 0)" in warning[0]
     assert "class_0..class_2" in warning[0]
+    # the end of training: a summary with what to run next, the resolved config saved (not printed), finished
+    assert "done: best validation mIoU" in run.stdout and "next: python evaluate.py" in run.stdout
+    assert f"config (resolved): {tmp_path / 'run' / 'config.yaml'}" in run.stdout
+    assert "lr_reference_batch" not in run.stdout and (tmp_path / "run" / "finished.json").is_file()
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.data.mask_format == "rgb" and saved.data.palette_ignore == [VOID] and len(saved.data.classes) == 3
+
+
+def test_crops_larger_than_the_images_are_clamped_with_a_note(tmp_path):
+    from segpipe.discover import clamp_crop
+    root = write_set(tmp_path / "rgb", rgb, n_train=3)
+    data = load_config(None, [f"data.root={root}", "data.crop_size=[512,512]"]).data
+    note = clamp_crop(data, load_index(str(root), "train"))
+    assert data.crop_size == [40, 56] and "data.crop_size [512, 512] is larger than the 40x56" in note
+    data = load_config(None, ["data.crop_size=[32,512]", "data.train_size=[36,100]"]).data
+    assert clamp_crop(data, load_index(str(root), "train")) and data.crop_size == [32, 100]
+    assert clamp_crop(data, load_index(str(root), "train")) == ""  # nothing left to clamp: no note

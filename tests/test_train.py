@@ -103,6 +103,7 @@ def test_sigterm_saves_last_checkpoint_and_exits_cleanly(make_dataset, tmp_path)
     assert proc.wait(timeout=60) == 0, output
     ckpt = load_checkpoint(out / "last.pt")
     assert "stopped by signal" in output and ckpt["epoch"] >= 1
+    assert not (out / "finished.json").exists() and "done: best" not in output  # not a finished run
 
 
 def test_deeplab_with_batch_of_one_is_refused(make_dataset, tmp_path):
