@@ -14,7 +14,6 @@ data.classes is null.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
-from segpipe.data import DataError, FileIndex, index_path, load_index
+from segpipe.data import DataError, FileIndex, load_index
 
 MAX_CLASSES = 64  # more labels than this in a survey are not a class list anyone annotated
 RARE_PIXEL_SHARE = 1e-4  # below this share of the pixels read, a label is reported as rare, not made a class
@@ -33,7 +32,6 @@ MAX_RARE = 256  # more rare labels than this: blended edges (resized or JPEG mas
 INDEX_MODES = ("1", "L", "P", "I;16", "I")
 RGB_MODES = ("RGB", "RGBA")
 VOID_COLOURS = ([0, 0, 0], [255, 255, 255])  # black first: the usual void/unlabelled colour
-SURVEY_VERSION = 1
 
 
 @dataclass
@@ -64,8 +62,8 @@ class Discovery:
         ignore_index = self.void if self.void is not None else 255
         block = {"root": root, "mask_format": "index", "classes": names, "ignore_index": ignore_index}
         if rare:  # stray ids map to void explicitly, so the masks decode without renumbering the classes
-            block["label_map"] = {**{i: i for i in range(self.num_classes)}, **{r: ignore_index for r in rare},
-                                  **({ignore_index: ignore_index})}
+            block["label_map"] = {i: i for i in range(self.num_classes)} | {r: ignore_index for r in rare} \
+                | {ignore_index: ignore_index}
         return block
 
     def summary(self) -> list[str]:
@@ -99,48 +97,25 @@ def _key(label) -> str:
 
 
 def survey(index: FileIndex, max_masks: int = 500) -> dict:
-    """Per label (an id, or an RGB code): pixels and masks holding it, over up to max_masks masks; cached
-    next to the file index. Raises DataError for unreadable masks, mixed encodings or noise."""
-    cache = Path(str(index_path(Path(index.split_dir), None)) + f".survey-{max_masks}.json")
-    mtime = Path(index.split_dir).stat().st_mtime_ns
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-            if saved["mtime_ns"] == mtime and saved["version"] == SURVEY_VERSION:
-                return saved["survey"]
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt
+    """Per label (an id, or an RGB code): pixels and masks holding it, over up to max_masks masks spread over
+    the split (read every time: a cache keyed on the folder would miss a mask fixed in place). Raises
+    DataError for unreadable masks and mixed encodings."""
     picks = np.unique(np.linspace(0, len(index) - 1, min(max_masks, len(index))).astype(int))
     pixels: dict[int, int] = {}
     masks: dict[int, int] = {}
     kinds: dict[str, str] = {}  # mask_format -> first file read with it
     read = 0
-    for i in picks:
-        read += 1
+    for read, i in enumerate(picks, 1):
         path = index.paths(int(i))[1]
         labels = _read_labels(path, kinds)
         values, counts = np.unique(labels, return_counts=True)
         for v, c in zip(values.tolist(), counts.tolist()):
             pixels[v] = pixels.get(v, 0) + c
             masks[v] = masks.get(v, 0) + 1
-        if len(pixels) > MAX_CLASSES + MAX_RARE and _common(pixels) > MAX_CLASSES:
-            break  # enough to know these are not class maps; reading on costs time and memory
         if len(pixels) > 4 * (MAX_CLASSES + MAX_RARE):
-            break
-    result = {"mask_format": next(iter(kinds)), "pixels": {str(k): v for k, v in pixels.items()},
-              "masks": {str(k): v for k, v in masks.items()}, "masks_read": read,
-              "masks_total": len(index), "example": next(iter(kinds.values()))}
-    if len(pixels) <= MAX_CLASSES + MAX_RARE:  # not class maps: an error follows, nothing worth keeping
-        try:
-            cache.write_text(json.dumps({"mtime_ns": mtime, "version": SURVEY_VERSION, "survey": result}))
-        except OSError:
-            pass  # read-only data: the survey simply runs again next time
-    return result
-
-
-def _common(pixels: dict) -> int:
-    total = sum(pixels.values())
-    return sum(1 for c in pixels.values() if c >= RARE_PIXEL_SHARE * total)
+            break  # already too many labels to be class maps: reading on only costs time and memory
+    return {"mask_format": next(iter(kinds)), "pixels": pixels, "masks": masks, "masks_read": read,
+            "masks_total": len(index), "example": next(iter(kinds.values()))}
 
 
 def _read_labels(path: str, kinds: dict) -> np.ndarray:
@@ -178,8 +153,7 @@ def detect(index: FileIndex, max_masks: int = 500, ignore_index: Optional[int] =
     """
     s = survey(index, max_masks)
     fmt = s["mask_format"]
-    pixels = {int(k): v for k, v in s["pixels"].items()}
-    masks = {int(k): v for k, v in s["masks"].items()}
+    pixels, masks = s["pixels"], s["masks"]
     total = sum(pixels.values())
     read = s["masks_read"]
     # Rare: a tiny share of the pixels, or a single mask among many (a stray value, an annotation slip).
