@@ -24,7 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
-from segpipe.data import DataError, FileIndex, load_index
+from segpipe.data import DataError, FileIndex, _rgb_code_array, load_index
 
 MAX_CLASSES = 64  # more labels than this in a survey are not a class list anyone annotated
 RARE_PIXEL_SHARE = 1e-4  # below this share of the pixels read, a label is reported as rare, not made a class
@@ -125,8 +125,7 @@ def _read_labels(path: str, kinds: dict) -> np.ndarray:
             mask.load()
             mode = mask.mode
             if mode in RGB_MODES:
-                rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
-                labels = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+                labels = _rgb_code_array(np.asarray(mask.convert("RGB")))  # the decoder's colour codes
             elif mode in INDEX_MODES:
                 labels = np.asarray(mask).astype(np.int64)
             else:
