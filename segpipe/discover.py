@@ -239,7 +239,8 @@ def typical_image_size(index: FileIndex, samples: int = 20) -> tuple[int, int]:
             with Image.open(path) as img:
                 sizes.append((img.height, img.width))
         except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{path}: cannot read the image ({e}); re-export or remove it") from None
+            raise DataError(f"{path}: cannot decode the image ({e}). Re-export or remove the file (and its mask); "
+                            f"the index notices the change") from None
     h, w = np.median(np.asarray(sizes), axis=0)
     return int(h), int(w)
 
