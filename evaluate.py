@@ -1,4 +1,4 @@
-"""Score a checkpoint on a labelled split: `python evaluate.py --checkpoint P [--data-root R] [--split valid] [--tta]`.
+"""Score a checkpoint on a labelled split: `python evaluate.py [CHECKPOINT] [--data-root R] [--split valid] [--tta]`.
 
 Several processes: `torchrun --nproc_per_node=N evaluate.py ...`; every image is scored exactly once
 (ShardSampler, no padding) and the confusion matrices are summed. Predictions come from the Predictor that
@@ -32,8 +32,10 @@ from segpipe.predict import TTA_SCALES, Predictor, open_predictor, resolve_devic
 # again as __mp_main__: everything below runs only when the file is the program.
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="best.pt/last.pt of train.py or a compressed artefact "
-                                             "(default: the newest runs/*/best.pt)")
+    parser.add_argument("checkpoint_file", nargs="?", metavar="CHECKPOINT",
+                        help="best.pt/last.pt of train.py or a compressed artefact "
+                             "(default: the best.pt of the newest finished run in runs/)")
+    parser.add_argument("--checkpoint", help="the same as CHECKPOINT")
     parser.add_argument("--data-root", help="folder holding SPLIT/NAME.jpg + NAME_mask.png "
                                             "(default: the data.root the checkpoint was trained on)")
     parser.add_argument("--split", default="valid")
@@ -50,6 +52,10 @@ if __name__ == "__main__":
                         help="allow an int8 .pt2 --checkpoint: loading one can run code stored in it, so use only "
                              "files you made with `python -m segpipe.compress quantize`")
     args = parser.parse_args()
+    if args.checkpoint_file and args.checkpoint and args.checkpoint_file != args.checkpoint:
+        sys.exit(f"error: the checkpoint is given twice ({args.checkpoint_file} and --checkpoint {args.checkpoint}); "
+                 f"give it once")
+    args.checkpoint = args.checkpoint or args.checkpoint_file
     if args.batch_size < 1 or args.workers < 0:
         sys.exit(f"error: --batch-size must be 1 or more and --workers 0 or more "
                  f"(got {args.batch_size} and {args.workers})")
@@ -63,17 +69,18 @@ if __name__ == "__main__":
 
 
     def report_table(metrics: dict, classes: list[str]) -> str:
-        """Per class IoU, accuracy and pixel share, then the summary metrics, as percentages ("-": undefined)."""
+        """Per class IoU, Dice (F1), accuracy and pixel share, then the summary metrics, as percentages ("-": undefined)."""
         pct = lambda v: "-" if v != v else f"{100 * v:.1f}%"  # noqa: E731 - v != v: NaN
         width = max(len("class"), *(len(c) for c in classes))
-        lines = [f"{'class':<{width}}  {'IoU':>6}  {'accuracy':>8}  {'pixels':>6}"]
+        lines = [f"{'class':<{width}}  {'IoU':>6}  {'Dice/F1':>7}  {'accuracy':>8}  {'pixels':>6}"]
         for c, name in enumerate(classes):
             note = "  absent: not in truth or prediction" if c in metrics["absent_classes"] else ""
-            lines.append(f"{name:<{width}}  {pct(metrics['iou'][c]):>6}  {pct(metrics['accuracy'][c]):>8}  "
-                         f"{pct(metrics['pixel_share'][c]):>6}{note}")
-        lines.append("-" * (width + 28))
-        lines.append(f"mIoU {pct(metrics['miou'])}  pixel accuracy {pct(metrics['pixel_accuracy'])}  "
-                     f"mean accuracy {pct(metrics['mean_accuracy'])}  frequency-weighted IoU {pct(metrics['fw_iou'])}")
+            lines.append(f"{name:<{width}}  {pct(metrics['iou'][c]):>6}  {pct(metrics['dice'][c]):>7}  "
+                         f"{pct(metrics['accuracy'][c]):>8}  {pct(metrics['pixel_share'][c]):>6}{note}")
+        lines.append("-" * (width + 37))
+        lines.append(f"mIoU {pct(metrics['miou'])}  mDice (= mFscore) {pct(metrics['mdice'])}  "
+                     f"pixel accuracy {pct(metrics['pixel_accuracy'])}  mean accuracy {pct(metrics['mean_accuracy'])}  "
+                     f"frequency-weighted IoU {pct(metrics['fw_iou'])}")
         return "\n".join(lines)
 
 
@@ -126,7 +133,7 @@ if __name__ == "__main__":
     except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
-        log(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
+        log(f"using {checkpoint}, from the newest finished run (pass a checkpoint to choose another)")
     try:  # before the evaluation, so an unwritable --out does not throw the scores away
         out_dir = prepare_dir(args.out or Path(checkpoint).parent / f"eval_{args.split}", "--out")
     except OutputError as e:
@@ -190,9 +197,12 @@ if __name__ == "__main__":
             "checkpoint": str(checkpoint), "data_root": str(data_root), "split": args.split,
             "scales": list(scales), "flip": args.tta, "window": list(predictor.window) if predictor.window else None,
             "num_images": len(dataset), "classes": classes,
-            "miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
+            "miou": metrics["miou"], "mdice": metrics["mdice"], "mfscore": metrics["mfscore"],
+            "pixel_accuracy": metrics["pixel_accuracy"],
             "mean_accuracy": metrics["mean_accuracy"], "fw_iou": metrics["fw_iou"],
             "per_class_iou": dict(zip(classes, metrics["iou"])),
+            "per_class_dice": dict(zip(classes, metrics["dice"])),
+            "per_class_precision": dict(zip(classes, metrics["precision"])),
             "per_class_accuracy": dict(zip(classes, metrics["accuracy"])),
             "pixel_share": dict(zip(classes, metrics["pixel_share"])),
             "absent_classes": [classes[c] for c in metrics["absent_classes"]],

@@ -6,7 +6,8 @@ with a legend of the classes present), and prints each class's share of the imag
 Files it writes are marked (segpipe.outputs.PREDICTION_TAG): it never replaces a file it did not write, replaces
 its own earlier predictions only with --overwrite, and refuses an --out inside a data folder (NAME_mask.png is
 also the name of the ground truth there).
-Without --checkpoint it uses the best checkpoint of the latest training run (the newest runs/*/best.pt).
+Without --checkpoint it uses the best.pt of the newest finished training run in runs/ (and asks for --checkpoint
+when finished runs predict different classes).
 The predictions are those evaluate.py scores: both go through segpipe.predict.Predictor.
 """
 import argparse
@@ -29,7 +30,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders (their images, not *_mask.png) or globs")
     parser.add_argument("--checkpoint", help="a best.pt/last.pt of train.py or a compressed artefact "
-                                             "(default: the newest runs/*/best.pt)")
+                                             "(default: the best.pt of the newest finished run in runs/)")
     parser.add_argument("--out", default="predictions", help="folder for NAME_mask.png and NAME_overlay.jpg")
     parser.add_argument("--overwrite", action="store_true", help="replace predictions an earlier run wrote to --out")
     parser.add_argument("--tta", action="store_true", help=f"test-time augmentation: horizontal flip and scales "
@@ -116,7 +117,7 @@ if __name__ == "__main__":
     except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
-        print(f"using {checkpoint}, the best checkpoint of the latest run (--checkpoint chooses another)")
+        print(f"using {checkpoint}, from the newest finished run (--checkpoint chooses another)")
     from segpipe.visualize import colorize, overlay  # after the checks: a wrong --checkpoint answers fast
 
     # -- inputs ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import yaml
@@ -20,16 +20,17 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from segpipe import distributed as dist_utils
-from segpipe.checkpoint import (FORMAT, CheckpointError, load_checkpoint, load_resume_checkpoint, restore_training,
-                                save_checkpoint, versions)
+from segpipe.checkpoint import (FINISHED, FORMAT, CheckpointError, load_checkpoint, load_resume_checkpoint,
+                                mark_finished, restore_training, save_checkpoint, versions)
 from segpipe.compress import is_artefact, model_from_checkpoint
 from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
 from segpipe.config import Config, ConfigError, check_class_weights, load_config, to_dict
-from segpipe.data import (DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, discover_labels,
-                          load_index, worker_message)
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, load_index, worker_message
+from segpipe.discover import apply_discovery, clamp_crop
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
-from segpipe.models import ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options
+from segpipe.models import (ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options,
+                            set_bn_momentum)
 from segpipe.outputs import OutputError, prepare_dir
 from segpipe.transforms import BlurNormalizeBatch, collate_eval, eval_transform, train_transform
 
@@ -59,7 +60,10 @@ def main(argv: Optional[list] = None) -> int:
         ddp_model = wrap_ddp(model, rt)  # after resume: DDP starts every rank from rank 0's restored weights
         writer = start_logging(cfg, rt, schedule, log)
         run = Run(cfg, rt, data, model, ddp_model, criterion, optimizer, scheduler, scaler, compression, writer, log)
-        return fit(run, state, best_miou, schedule, stop)
+        outcome = fit(run, state, best_miou, schedule, stop)
+        if outcome.completed:
+            finish(cfg, rt, outcome.best_miou, log)
+        return outcome.exit_code
     finally:
         if data is not None:
             dist_utils.stop_loader_workers(data.train_loader, data.valid_loader)
@@ -126,15 +130,11 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
         valid_index = load_index(cfg.data.root, "valid", cfg.data.cache_dir, cfg.data.skip_unpaired)
         if rt.local_rank == 0 and rt.world_size > 1:
             torch.distributed.barrier()
-        if cfg.data.classes is None:  # no class list yet: name the labels found in the masks class_0, class_1, ...
-            found = discover_labels(train_index, cfg.data.mask_format, cfg.data.ignore_index)
-            if cfg.data.mask_format == "rgb":
-                cfg.data.palette = cfg.data.palette or found
-                cfg.data.classes = [f"class_{i}" for i in range(len(cfg.data.palette))]
-            else:
-                cfg.data.classes = [f"class_{i}" for i in range(max(found) + 1)]
-            log(f"data.classes is not set: found labels {found} in the training masks; using {cfg.data.classes}. "
-                f"Name them in your config (data.classes: [road, car, ...]) in this order.")
+        if cfg.data.classes is None:  # no class list yet: the same detection as `python -m segpipe.discover`
+            log(apply_discovery(cfg.data, train_index))
+        crop_note = clamp_crop(cfg.data, train_index)
+        if crop_note:
+            log(crop_note)
         num_classes = len(cfg.data.classes)
         check_class_weights(cfg.train.class_weights, num_classes)
         if cfg.data.palette:
@@ -161,8 +161,9 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
                                              cfg.train.batch_size * cfg.train.accum_steps)
     # Workers ignore SIGTERM/SIGINT, which torchrun and SLURM send to the whole process group: the training
     # process must outlive them long enough to save last.pt.
-    loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=rt.pin_memory,
-                       persistent_workers=cfg.data.num_workers > 0, worker_init_fn=dist_utils.ignore_stop_signals)
+    num_workers = dist_utils.resolve_num_workers(cfg.data.num_workers)
+    loader_args = dict(num_workers=num_workers, pin_memory=rt.pin_memory, persistent_workers=num_workers > 0,
+                       worker_init_fn=dist_utils.ignore_stop_signals)
     # drop_last: a last batch of 1 would break DeepLabV3's ASPP pooling BatchNorm and skew BN statistics.
     train_loader = DataLoader(train_set, cfg.train.batch_size, sampler=train_sampler, drop_last=True, **loader_args)
     valid_loader = DataLoader(valid_set, cfg.train.batch_size,
@@ -199,10 +200,7 @@ def build_network(cfg: Config, num_classes: int, rt: dist_utils.Runtime, log: Ca
                 load_pretrained(model, cfg.train.init_from)
     except (ModelError, CheckpointError) as e:
         sys.exit(f"model error: {e}")
-    if cfg.model.bn_momentum is not None:
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.momentum = cfg.model.bn_momentum
+    set_bn_momentum(model, cfg.model.bn_momentum)
     if has_batchnorm_pooling(model) and cfg.train.batch_size < 2:
         sys.exit(f"{cfg.model.name} has a BatchNorm after global pooling (ASPP) that cannot train on one image per "
                  f"process: set train.batch_size=2 or more")
@@ -385,8 +383,9 @@ def start_logging(cfg: Config, rt: dist_utils.Runtime, schedule: Schedule, log: 
         return None
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / FINISHED).unlink(missing_ok=True)  # training again: not finished until it ends
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    log(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    log(f"config (resolved): {out_dir / 'config.yaml'}")
     s = schedule
     log(f"{rt.world_size} process(es) on {rt.device}, amp={rt.amp_dtype}, channels_last={rt.channels_last}, "
         f"global batch {s.global_batch}, lr {s.lr:.4g}, {s.steps_per_epoch} steps/epoch, {s.total_steps} steps"
@@ -429,8 +428,16 @@ class StopSignal:
         return self.signum is not None
 
 
-def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop: StopSignal) -> int:
-    """Train epoch by epoch, validate, save last.pt and best.pt; on a signal save and stop. Returns the exit code."""
+class Outcome(NamedTuple):
+    """How fit ended: the exit code, the best validation mIoU, and whether the schedule ran to its end."""
+
+    exit_code: int
+    best_miou: float
+    completed: bool
+
+
+def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop: StopSignal) -> Outcome:
+    """Train epoch by epoch, validate, save last.pt and best.pt; on a signal save and stop."""
     cfg, rt, log, out_dir = run.cfg, run.rt, run.log, Path(run.cfg.output_dir)
     try:
         while state.epoch < cfg.train.epochs and state.step < schedule.max_steps:
@@ -450,7 +457,7 @@ def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop:
                     save_checkpoint(make_checkpoint(run, state, best_miou, -1.0), out_dir / "last.pt")
                 log(f"stopped by signal at step {state.step}; saved {out_dir / 'last.pt'}, "
                     f"resume with train.resume=auto")
-                break
+                return Outcome(0, best_miou, completed=False)
             miou = -1.0
             if (state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs
                     or state.step >= schedule.max_steps):
@@ -465,17 +472,17 @@ def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop:
                 log(f"epoch {state.epoch}: step {state.step}, {scores}, {time.time() - epoch_start:.1f} s")
     except NonFiniteLossError as e:
         log(f"error: {e}")
-        return 1
+        return Outcome(1, best_miou, completed=False)
     except DataError as e:
         dist_utils.report_failure(f"data error on rank {run.rt.rank}: {worker_message(e)}")
-        return 1
+        return Outcome(1, best_miou, completed=False)
     except CheckpointError as e:  # a full disk or a vanished output_dir while saving
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return Outcome(1, best_miou, completed=False)
     finally:
         if run.writer is not None:
             run.writer.close()
-    return 0
+    return Outcome(0, best_miou, completed=True)
 
 
 def any_rank(flag: bool, rt: dist_utils.Runtime) -> bool:
@@ -526,6 +533,17 @@ def validation_panel(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tenso
     truth_rgb = colours[truth.long().clamp(0, 255)].permute(2, 0, 1)  # ignore_index shows black
     pred_rgb = colours[pred.long()].permute(2, 0, 1)
     return torch.cat([rgb.to(torch.uint8), truth_rgb, pred_rgb], dim=2)
+
+
+def finish(cfg: Config, rt: dist_utils.Runtime, best_miou: float, log: Callable) -> None:
+    """Mark the run finished (infer.py and evaluate.py pick only finished runs) and say what to run next."""
+    if not rt.is_main:
+        return
+    out_dir = Path(cfg.output_dir)
+    mark_finished(out_dir, cfg.data.classes, best_miou)
+    log(f"done: best validation mIoU {best_miou:.4f}, {out_dir / 'best.pt'}\n"
+        f"next: python evaluate.py {out_dir / 'best.pt'}\n"
+        f"      python infer.py IMAGES --checkpoint {out_dir / 'best.pt'}")
 
 
 def make_checkpoint(run: Run, state: TrainState, best_miou: float, miou: float) -> dict:

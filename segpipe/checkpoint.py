@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import zipfile
@@ -14,6 +15,7 @@ import torch
 import torchvision
 
 FORMAT = "segpipe-checkpoint"
+FINISHED = "finished.json"  # written into a run folder when training ends normally; removed when it starts again
 
 
 class CheckpointError(ValueError):
@@ -144,3 +146,20 @@ def restore_training(ckpt: dict, path: str | Path, run: str, model: torch.nn.Mod
 
 def _holds(ckpt: dict) -> str:
     return f"a {ckpt.get('model_name', 'model of unknown architecture')} with {ckpt.get('num_classes', '?')} classes"
+
+
+def mark_finished(run_dir: str | Path, classes: list, best_miou: float) -> None:
+    """Record that the run in run_dir ended normally (infer.py and evaluate.py pick only finished runs)."""
+    path = Path(run_dir) / FINISHED
+    tmp = path.with_name(f".{FINISHED}.tmp")
+    tmp.write_text(json.dumps({"classes": list(classes), "best_miou": best_miou}) + "\n")
+    os.replace(tmp, path)
+
+
+def read_finished(run_dir: str | Path) -> dict | None:
+    """The finished record of a run folder, or None while it trains, after a stop, or if unreadable."""
+    try:
+        record = json.loads((Path(run_dir) / FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("classes"), list) else None

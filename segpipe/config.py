@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
@@ -61,7 +61,7 @@ class DataConfig:
     augment_on: str = "auto"
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    num_workers: int = field(default=2, metadata=AT_LEAST_0)
+    num_workers: Union[int, str] = "auto"  # loader processes per training process; auto: what the CPUs allow
     cache_dir: Optional[str] = None  # where the file index goes if ROOT is read-only
     skip_unpaired: bool = False  # images without a mask: False = stop with an error, True = warn and skip
     synthetic: bool = False  # generate the built-in synthetic street scenes at data.root if missing
@@ -74,9 +74,10 @@ class ModelConfig:
     aux_weight: float = 0.5  # weight of the auxiliary head's loss, where the model has one
     sync_bn: bool = True  # only applies on CUDA with world size > 1
     channels_last: bool = True
-    # BatchNorm momentum override; null keeps the architecture's (MobileNetV3: 0.01, whose running
-    # statistics lag far behind in short runs, so eval-mode predictions collapse; 0.1 suits those).
-    bn_momentum: Optional[float] = None
+    # BatchNorm momentum of every BN layer; null keeps the architecture's own. 0.1 (torch's default) for all:
+    # MobileNetV3's 0.01 leaves the running statistics far behind in short runs, so eval-mode predictions
+    # collapse to one class.
+    bn_momentum: Optional[float] = 0.1
     # Architecture options (null keeps the model's default; setting one a model does not read is an error):
     encoder: Optional[str] = None  # unet: resnet18 | resnet34 | resnet50 (default)
     output_stride: Optional[int] = None  # resnet50_convhead: 8 (default) or 16
@@ -133,15 +134,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file, apply `section.key=value` overrides and validate into a Config."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; the configs/ folder has examples")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e)}); fix that line") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = _read_yaml(Path(path))
+        if "_base_" in raw:  # one level of inheritance: the file's keys override its base's, section by section
+            base_path = Path(path).parent / str(raw.pop("_base_"))
+            base = _read_yaml(base_path)
+            if "_base_" in base:
+                raise ConfigError(f"{base_path} (the _base_ of {path}) has a _base_ itself; configs inherit one "
+                                  f"level only: copy what it inherits into {base_path}")
+            raw = _merge(base, raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -170,6 +170,27 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{getattr(e, 'problem', None) or 'syntax error'}{where}"
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; the configs/ folder has examples")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(e)}); fix that line") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def _merge(base: dict, child: dict) -> dict:
+    """base with child's keys on top: sections (data, model, train) merge key by key; values, mappings such as
+    data.label_map included, are replaced whole."""
+    merged = dict(base)
+    for key, value in child.items():
+        merged[key] = base[key] | value if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
 
 
 def to_dict(cfg: Config) -> dict:
@@ -205,6 +226,8 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             kwargs[key] = _build(hint_type, value, prefix=f"{dotted}.")
         else:
             kwargs[key] = _check_type(dotted, value, hint_type)
+            if dotted == "data.num_workers" and (value != "auto" if isinstance(value, str) else value < 0):
+                raise ConfigError(f"data.num_workers={value!r}; use auto or a number of processes (0 or more)")
             if dotted in CHOICES and value not in CHOICES[dotted]:
                 raise ConfigError(f"{dotted}={value!r}; choose one of {', '.join(CHOICES[dotted])}")
             check, wanted = fields[key].metadata.get("allowed", (None, None))

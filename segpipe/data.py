@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -311,39 +310,6 @@ class SegmentationDataset(Dataset):
             return self.transform(image, mask)
         finally:
             generator.set_state(state)
-
-
-def discover_labels(index: FileIndex, mask_format: str = "index", ignore_index: int = 255,
-                    max_masks: int = 500) -> list:
-    """Label values (index masks) or [r, g, b] colours (rgb masks) found in up to max_masks masks, spread
-    evenly over the split; cached next to the file index so it runs once per folder state."""
-    cache = Path(str(index_path(Path(index.split_dir), None)) + f".labels-{mask_format}-{max_masks}.json")
-    mtime = Path(index.split_dir).stat().st_mtime_ns
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-            if saved["mtime_ns"] == mtime:
-                return saved["labels"]
-        except (OSError, ValueError, KeyError):
-            pass
-    picks = np.unique(np.linspace(0, len(index) - 1, min(max_masks, len(index))).astype(int))
-    found: set = set()
-    for i in picks:
-        mask = Image.open(index.paths(int(i))[1])
-        if mask_format == "rgb":
-            codes = np.unique(_rgb_code_array(np.asarray(mask.convert("RGB"))))
-            found.update(int(c) for c in codes)
-        else:
-            found.update(int(v) for v in np.unique(np.asarray(mask)))
-    if mask_format == "rgb":
-        labels = [[c >> 16, (c >> 8) & 255, c & 255] for c in sorted(found)]
-    else:
-        labels = sorted(v for v in found if v != ignore_index)
-    try:
-        cache.write_text(json.dumps({"mtime_ns": mtime, "labels": labels}))
-    except OSError:
-        pass  # read-only data and no cache: discovery simply runs again next time
-    return labels
 
 
 def class_pixel_stats(index: FileIndex, decoder: MaskDecoder, max_masks: int = 500) -> tuple[np.ndarray, np.ndarray]:

@@ -122,6 +122,16 @@ def resolve_augment_on(mode: str, device: torch.device, color_jitter: float) -> 
     return mode == "device"
 
 
+def resolve_num_workers(value: int | str) -> int:
+    """data.num_workers: a number as given, or for "auto" one loader process fewer than this process's share of
+    the CPUs it may use (at most 4), so PyTorch never warns of more workers than CPUs."""
+    if value != "auto":
+        return int(value)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun: processes on this node
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus // max(1, local_world_size) - 1))
+
+
 def cpu_supports_bf16() -> bool:
     """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
     try:

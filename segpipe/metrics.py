@@ -1,7 +1,9 @@
-"""ConfusionMatrix: update, all_reduce, IoU / mIoU / accuracy.
+"""ConfusionMatrix: update, all_reduce, IoU / mIoU / Dice (F1) / accuracy.
 
-A class absent from both truth and prediction has no defined IoU: it is NaN in per-class results,
-excluded from the means, and listed under "absent_classes".
+A class absent from both truth and prediction has no defined IoU or Dice: it is NaN in per-class results,
+excluded from the means, and listed under "absent_classes". Per class, Dice = 2TP / (truth + prediction) is
+the F-score with beta = 1 (mmsegmentation's Fscore), so mDice and mFscore are equal; both are reported
+because both names are in use.
 """
 from __future__ import annotations
 
@@ -30,21 +32,28 @@ class ConfusionMatrix:
             dist.all_reduce(self.matrix)
 
     def compute(self) -> dict:
-        """IoU and accuracy per class, mIoU, pixel accuracy, mean accuracy and frequency-weighted IoU."""
+        """IoU, Dice, precision and accuracy (recall) per class; mIoU, mDice, mFscore, pixel accuracy, mean accuracy
+        and frequency-weighted IoU."""
         m = self.matrix.double().cpu()
         tp, truth, predicted = m.diag(), m.sum(1), m.sum(0)
         union = truth + predicted - tp
         iou = torch.where(union > 0, tp / union.clamp(min=1), torch.nan)
         acc = torch.where(truth > 0, tp / truth.clamp(min=1), torch.nan)
+        precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.nan)
+        dice = torch.where(union > 0, 2 * tp / (truth + predicted).clamp(min=1), torch.nan)
         total = m.sum().clamp(min=1)
         freq = truth / total
         present = union > 0
         return {
             "miou": float(iou[present].mean()) if present.any() else float("nan"),
+            "mdice": float(dice[present].mean()) if present.any() else float("nan"),
+            "mfscore": float(dice[present].mean()) if present.any() else float("nan"),  # F1 per class = Dice
             "pixel_accuracy": float(tp.sum() / total),
             "mean_accuracy": float(acc[truth > 0].mean()) if (truth > 0).any() else float("nan"),
             "fw_iou": float((freq[present] * iou[present]).sum()),
             "iou": iou.tolist(),
+            "dice": dice.tolist(),
+            "precision": precision.tolist(),
             "accuracy": acc.tolist(),
             "pixel_share": freq.tolist(),
             "absent_classes": [i for i in range(self.num_classes) if not present[i]],

@@ -150,6 +150,15 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     print(f"loaded {len(matched)} tensors from {path}; {skipped} left at their initial values (e.g. new heads)")
 
 
+def set_bn_momentum(model: nn.Module, momentum: float | None) -> None:
+    """Give every BatchNorm layer this momentum (model.bn_momentum); None keeps the architecture's own."""
+    if momentum is None:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
 def has_batchnorm_pooling(model: nn.Module) -> bool:
     """True for models whose ASPP image-pooling BatchNorm cannot train on a per-process batch of 1."""
     return any(type(m).__name__ == "ASPPPooling" for m in model.modules())

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from segpipe.checkpoint import CheckpointError, load_checkpoint
+from segpipe.checkpoint import FINISHED, CheckpointError, load_checkpoint, read_finished
 from segpipe.data import DataError, read_image
 from segpipe.models import ModelError, build_model, resize_logits
 from segpipe.transforms import EvalTransform
@@ -39,19 +39,37 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
 
 
 def latest_checkpoint(runs_dir: str | Path = "runs") -> Optional[Path]:
-    """The best.pt of the most recent training run (newest runs/*/best.pt by mtime), or None."""
-    found = [p for p in Path(runs_dir).glob("*/best.pt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    """The best.pt of the newest finished training run (runs/*/finished.json by mtime), or None.
+
+    Raises CheckpointError when finished runs disagree on their class lists: which one is meant is then
+    the user's choice, not the newest file's."""
+    finished = []
+    for best in Path(runs_dir).glob("*/best.pt"):
+        record = read_finished(best.parent)
+        if record is not None and best.is_file():
+            finished.append((best.parent.joinpath(FINISHED).stat().st_mtime, best, record["classes"]))
+    if not finished:
+        return None
+    if len({tuple(map(str, classes)) for _, _, classes in finished}) > 1:
+        listing = "; ".join(f"{best} ({len(classes)} classes: {', '.join(map(str, classes[:4]))}"
+                            f"{', ...' if len(classes) > 4 else ''})" for _, best, classes in sorted(finished)[-3:])
+        raise CheckpointError(f"finished runs in {runs_dir}/ predict different classes ({listing}); "
+                              f"pass --checkpoint PATH to choose one")
+    return max(finished, key=lambda f: f[0])[1]
 
 
 def checkpoint_or_latest(path: str | Path | None, runs_dir: str | Path = "runs") -> tuple[Path, bool]:
-    """The given checkpoint, else the newest runs/*/best.pt; (path, whether it was picked for the user)."""
+    """The given checkpoint, else the best.pt of the newest finished run; (path, whether it was picked for the user)."""
     if path is not None:
         return Path(path), False
     latest = latest_checkpoint(runs_dir)
     if latest is None:
-        raise CheckpointError("no --checkpoint given and no runs/*/best.pt in this folder. Train a model first "
-                              "(`python train.py --config configs/camvid.yaml`) or pass --checkpoint path/to/best.pt")
+        unfinished = sorted(Path(runs_dir).glob("*/best.pt"))
+        if unfinished:
+            raise CheckpointError(f"no --checkpoint given and no finished run in {runs_dir}/ ({unfinished[0]} "
+                                  f"is still training or was stopped); pass --checkpoint {unfinished[0]} to use it")
+        raise CheckpointError(f"no --checkpoint given and no finished run in {runs_dir}/. Train a model first "
+                              "(`python train.py --config configs/synthetic.yaml`) or pass --checkpoint path/to/best.pt")
     return latest, True
 
 
@@ -62,7 +80,7 @@ def open_predictor(checkpoint: str | None, device: torch.device | str | None, tt
                    scales: Optional[Sequence[float]] = None, window: Optional[str] = None,
                    batch_size: int = 4, trust_artefact: bool = False) -> tuple["Predictor", Path, bool]:
     """The Predictor of infer.py and evaluate.py from their flags: (predictor, checkpoint path, whether that path
-    was picked for the user as the newest runs/*/best.pt). Raises CheckpointError or ValueError (a bad
+    was picked for the user as the best.pt of the newest finished run). Raises CheckpointError or ValueError (a bad
     --window or --scales) with the message for the user."""
     path, picked = checkpoint_or_latest(checkpoint)
     scales = scales or (TTA_SCALES if tta else (1.0,))

@@ -1,6 +1,7 @@
 """Behaviour of the U-Net and ResNet-50 conv-head models: shapes, training, weights, export."""
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -242,3 +243,31 @@ def test_convhead_head_layers_are_pruned_for_real():
     assert [layer[0].out_channels for layer in model.head] == [32, 32] and model.classifier.in_channels == 32
     assert sum(p.numel() for p in model.parameters()) < 0.6 * before
     assert forward(model, torch.randn(1, 3, 33, 47)).shape == (1, 4, 33, 47)
+
+
+def test_lraspp_with_default_settings_does_not_collapse_in_eval_mode():
+    """100 steps at the default config: eval-mode predictions on the training images keep every class.
+    (MobileNetV3's own BatchNorm momentum, 0.01, predicts one class here: running statistics lag behind.)"""
+    from conftest import random_mask
+    from segpipe.config import load_config
+    from segpipe.models import set_bn_momentum
+    torch.manual_seed(0)
+    cfg = load_config(None)
+    rng = np.random.default_rng(0)
+    masks = torch.from_numpy(np.stack([random_mask(rng, 32, 32, 3) for _ in range(8)]))
+    colours = torch.tensor([[1.0, -1, 0], [-1, 1, 0.5], [0, 0, -1]])
+    images = colours[masks].permute(0, 3, 1, 2) + 0.3 * torch.randn(8, 3, 32, 32)
+    model = build_model("lraspp_mobilenet_v3_large", 3)
+    set_bn_momentum(model, cfg.model.bn_momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay)
+    for _ in range(100):
+        batch = torch.randperm(8)[:4]
+        loss = nn.functional.cross_entropy(model(images[batch])["out"], masks[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        pred = model.eval()(images)["out"].argmax(1)
+    assert pred.unique().tolist() == [0, 1, 2]
+    assert (pred == masks).float().mean() > 0.8

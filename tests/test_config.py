@@ -62,3 +62,33 @@ def test_shipped_configs_load(path: Path):
 def test_value_outside_choices():
     with pytest.raises(ConfigError, match="train.amp='fp8'; choose one of auto, bf16, fp16, none"):
         load_config(None, ["train.amp=fp8"])
+
+
+def test_num_workers_auto_fits_the_cpus_of_each_process(monkeypatch):
+    import os
+    from segpipe.distributed import resolve_num_workers
+    assert load_config(None).data.num_workers == "auto"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_num_workers("auto") == 1  # 2 CPUs: the training process and one loader
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert resolve_num_workers("auto") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # torchrun: 16 processes share the 64 CPUs
+    assert resolve_num_workers("auto") == 3 and resolve_num_workers(7) == 7
+    for bad in ("many", -1):
+        with pytest.raises(ConfigError, match="data.num_workers"):
+            load_config(None, [f"data.num_workers={bad}"])
+
+
+def test_base_config_is_merged_one_level(tmp_path):
+    (tmp_path / "base.yaml").write_text("data:\n  root: data/x\n  ignore_index: 11\ntrain:\n  epochs: 100\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ndata:\n  crop_size: [64, 64]\ntrain:\n  epochs: 3\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.lr=0.5"])
+    assert cfg.data.root == "data/x" and cfg.data.ignore_index == 11 and cfg.data.crop_size == [64, 64]
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.5
+    (tmp_path / "grandchild.yaml").write_text("_base_: child.yaml\n")
+    with pytest.raises(ConfigError, match="one level"):
+        load_config(tmp_path / "grandchild.yaml")
+    (tmp_path / "orphan.yaml").write_text("_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "orphan.yaml")

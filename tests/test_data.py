@@ -10,7 +10,7 @@ from PIL import Image
 
 import segpipe.data as data_mod
 from conftest import CAMVID, REPO, needs_camvid, random_mask, run_env, write_pair
-from segpipe.data import DataError, MaskDecoder, SegmentationDataset, discover_labels, load_index
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, load_index
 
 
 def dataset(root, split="train", num_classes=3, ignore=255, **kw):
@@ -140,14 +140,6 @@ def test_label_map_remaps_and_rejects_unmapped_ids(make_dataset):
         dataset(root, num_classes=2, label_map={0: 255, 1: 0})[0]
 
 
-def test_discover_labels_index_and_rgb(make_dataset):
-    root = make_dataset(n_train=3, num_classes=3)
-    assert discover_labels(load_index(str(root), "train")) == [0, 1, 2]
-    rgb_root = make_dataset(n_train=3, rgb_palette=PALETTE, root=root.parent / "rgb")
-    found = discover_labels(load_index(str(rgb_root), "train"), mask_format="rgb")
-    assert sorted(found) == sorted(PALETTE)
-
-
 def test_jpeg_draft_decodes_smaller_and_mask_follows(tmp_path):
     rng = np.random.default_rng(0)
     write_pair(tmp_path / "train", "big", random_mask(rng, 160, 240, 3))
@@ -190,25 +182,6 @@ def test_dataloader_benchmark_runs_on_camvid():
     for row in ("| decode only (floor) |", "| naive stock v2 (full image) |", "| segpipe train pipeline |",
                 "segpipe vs naive:", "| 2 workers |", "| 1,000,000 |"):
         assert row in result.stdout, row
-
-
-def test_discover_cli_prints_a_config_that_decodes_the_masks(make_dataset, capsys, tmp_path):
-    from segpipe.config import load_config
-    from segpipe.discover import main as discover
-    rgb_root = make_dataset(n_train=3, rgb_palette=PALETTE, root=tmp_path / "rgb")
-    discover([str(rgb_root), "--mask-format", "rgb"])
-    printed = capsys.readouterr().out
-    config_file = tmp_path / "mine.yaml"
-    config_file.write_text(printed)
-    cfg = load_config(config_file)  # what the user pastes is a valid config
-    assert cfg.data.mask_format == "rgb" and len(cfg.data.classes) == len(PALETTE)
-    decoder = MaskDecoder(len(cfg.data.classes), cfg.data.ignore_index, "rgb", cfg.data.palette)
-    _, mask = SegmentationDataset(load_index(str(rgb_root), "train"), decoder)[0]
-    colours = np.asarray(cfg.data.palette, dtype=np.uint8)[mask.numpy()]  # decode, then paint back
-    original = np.asarray(Image.open(rgb_root / "train" / "img000_mask.png").convert("RGB"))
-    assert np.array_equal(colours, original)
-    with pytest.raises(SystemExit, match="does not exist"):
-        discover([str(tmp_path / "missing")])
 
 
 def test_compression_quality_reads_masks_as_the_checkpoint_was_trained(make_dataset, tmp_path):

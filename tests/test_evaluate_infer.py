@@ -67,8 +67,11 @@ def one_process(setup, tmp_path_factory):
 def test_evaluate_reports_table_json_and_pictures(one_process):
     metrics, stdout, out = one_process
     assert metrics["num_images"] == NUM_IMAGES and len(metrics["per_image_miou"]) == NUM_IMAGES
-    for key in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou"):
+    for key in ("miou", "mdice", "mfscore", "pixel_accuracy", "mean_accuracy", "fw_iou"):
         assert 0 < metrics[key] <= 1, key
+    assert metrics["per_class_dice"]["class_3"] is None and "Dice/F1" in stdout and "mDice" in stdout
+    dice = [v for v in metrics["per_class_dice"].values() if v is not None]
+    assert metrics["mdice"] == pytest.approx(np.mean(dice)) and metrics["mdice"] >= metrics["miou"]
     assert metrics["per_class_iou"]["class_3"] is None and metrics["absent_classes"] == ["class_3"]
     present = [v for v in metrics["per_class_iou"].values() if v is not None]
     assert metrics["miou"] == pytest.approx(np.mean(present))  # the absent class is left out of the mean
@@ -143,15 +146,30 @@ def test_infer_reports_unreadable_files_and_goes_on(setup, tmp_path, monkeypatch
     assert "img001.jpg" in capsys.readouterr().out
 
 
-def test_infer_without_checkpoint_uses_latest_run_or_explains(setup, tmp_path, monkeypatch, capsys):
+def test_without_checkpoint_infer_and_evaluate_use_the_newest_finished_run(setup, tmp_path, monkeypatch, capsys):
+    from segpipe.checkpoint import mark_finished
     root, ckpt = setup
     message = fails_with("infer.py", [str(root / "valid" / "img000.jpg")], tmp_path, monkeypatch)
-    assert "no runs/*/best.pt" in message and "train.py" in message and "--checkpoint" in message
+    assert "no finished run in runs/" in message and "train.py" in message and "--checkpoint" in message
     (tmp_path / "runs" / "exp").mkdir(parents=True)
     shutil.copy(ckpt, tmp_path / "runs" / "exp" / "best.pt")
+    message = fails_with("infer.py", [str(root / "valid" / "img000.jpg")], tmp_path, monkeypatch)
+    assert "still training or was stopped" in message and "--checkpoint runs/exp/best.pt" in message
+    mark_finished(tmp_path / "runs" / "exp", ["a", "b", "c", "d"], 0.5)
     run_script("infer.py", [str(root / "valid" / "img000.jpg")], tmp_path, monkeypatch)
     assert f"using {Path('runs/exp/best.pt')}" in capsys.readouterr().out
     assert (tmp_path / "predictions" / "img000_mask.png").is_file()
+    run_script("evaluate.py", ["--data-root", str(root), "--workers", "0"], tmp_path, monkeypatch)
+    assert f"using {Path('runs/exp/best.pt')}, from the newest finished run" in capsys.readouterr().out
+
+
+def test_evaluate_takes_the_checkpoint_as_first_argument(setup, tmp_path, monkeypatch, capsys):
+    root, ckpt = setup
+    run_script("evaluate.py", [str(ckpt), "--data-root", str(root), "--workers", "0", "--out", str(tmp_path / "e")],
+               tmp_path, monkeypatch)
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["checkpoint"] == str(ckpt)
+    message = fails_with("evaluate.py", [str(ckpt), "--checkpoint", str(tmp_path / "other.pt")], tmp_path, monkeypatch)
+    assert "twice" in message
 
 
 class Exploit:

@@ -106,6 +106,23 @@ def test_confusion_matrix_matches_numpy_count():
     assert result["num_pixels"] == (target != ignore).sum()
 
 
+def test_dice_and_fscore_match_a_hand_count():
+    # truth  0 0 1 1 | 2 255   pred  0 1 1 1 | 0 2
+    target = torch.tensor([0, 0, 1, 1, 2, 255])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2])
+    cm = ConfusionMatrix(4, 255)
+    cm.update(target, pred)
+    result = cm.compute()
+    # class 0: TP 1, truth 2, predicted 2 -> Dice 2/4; class 1: TP 2, truth 2, predicted 3 -> 4/5;
+    # class 2: TP 0, truth 1, predicted 0 -> 0; class 3 absent -> NaN, left out of the means
+    assert result["dice"][:3] == pytest.approx([0.5, 0.8, 0.0]) and math.isnan(result["dice"][3])
+    assert result["precision"][:2] == pytest.approx([0.5, 2 / 3]) and math.isnan(result["precision"][2])
+    assert result["mdice"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    recall, precision = [0.5, 1.0], [0.5, 2 / 3]  # F1 = 2PR / (P + R); class 2 has F1 0 (recall 0)
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)] + [0.0]
+    assert result["mfscore"] == pytest.approx(np.mean(f1))
+
+
 def test_prediction_is_upsampled_logits_argmax_at_original_size(rgb):
     model = PixelModel()
     predictor = Predictor(model, meta(eval_size=[16, 24]), "cpu")
@@ -185,13 +202,21 @@ def test_checkpoint_without_metadata_is_refused(tmp_path):
         Predictor.from_file(path, "cpu")
 
 
-def test_latest_checkpoint_is_newest_best(tmp_path):
-    assert latest_checkpoint(tmp_path / "runs") is None
+def test_latest_checkpoint_is_the_newest_finished_run(tmp_path):
+    from segpipe.checkpoint import CheckpointError, mark_finished
+    runs = tmp_path / "runs"
+    assert latest_checkpoint(runs) is None
     for i, name in enumerate(["b", "a", "c"]):
-        (tmp_path / "runs" / name).mkdir(parents=True)
-        (tmp_path / "runs" / name / "best.pt").write_bytes(b"x")
-        os.utime(tmp_path / "runs" / name / "best.pt", (time.time() + i * 10, time.time() + [5, 30, 10][i]))
-    assert latest_checkpoint(tmp_path / "runs") == tmp_path / "runs" / "a" / "best.pt"
+        (runs / name).mkdir(parents=True)
+        (runs / name / "best.pt").write_bytes(b"x")
+        if name != "c":  # c is still training: newest best.pt, no finished record
+            mark_finished(runs / name, ["x", "y"], 0.5)
+            os.utime(runs / name / "finished.json", (time.time(), time.time() + [5, 30][i]))
+        os.utime(runs / name / "best.pt", (time.time(), time.time() + 100))
+    assert latest_checkpoint(runs) == runs / "a" / "best.pt"
+    mark_finished(runs / "c", ["x", "y", "z"], 0.5)  # a finished run of another data set: ask, do not guess
+    with pytest.raises(CheckpointError, match=r"predict different classes .*pass --checkpoint"):
+        latest_checkpoint(runs)
 
 
 def test_compressed_artefact_goes_through_the_same_predictor(tmp_path, rgb):

@@ -107,6 +107,7 @@ def test_stop_signal_saves_last_checkpoint_and_exits_cleanly(make_dataset, tmp_p
     assert proc.wait(timeout=60) == 0, output
     ckpt = load_checkpoint(out / "last.pt")
     assert "stopped by signal" in output and ckpt["epoch"] >= 1
+    assert not (out / "finished.json").exists() and "done: best" not in output  # not a finished run
 
 
 def test_deeplab_with_batch_of_one_is_refused(make_dataset, tmp_path):
@@ -266,7 +267,7 @@ def test_unknown_classes_are_discovered_from_the_masks(make_dataset, tmp_path):
     root = make_dataset(n_train=2, n_valid=1, num_classes=3)
     result = train(root, tmp_path / "disc", "train.max_steps=1", "data.classes=null")
     assert result.returncode == 0, result.stderr
-    assert "found labels [0, 1, 2]" in result.stdout
+    assert "data.classes is not set: 2 of 2 training masks read: class-index masks, 3 classes" in result.stdout
     assert load_checkpoint(tmp_path / "disc" / "last.pt")["classes"] == ["class_0", "class_1", "class_2"]
 
 

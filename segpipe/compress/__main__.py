@@ -29,7 +29,6 @@ from segpipe.compress.unstructured import SCOPES, prune_unstructured
 from segpipe.data import DataError
 from segpipe.outputs import OutputError, prepare_file
 
-DEFAULT_DATA_ROOT = "../shared/data/camvid"
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
 SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -61,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quant.add_argument("--out", required=True, help=f"int8: a *{INT8_SUFFIX} file; bf16: a .pth file")
     for p in (prune, quant):
         p.add_argument("--data-root", default=None,
-                       help=f"folder with train/ and valid/ (default: the checkpoint's data.root, else "
-                            f"{DEFAULT_DATA_ROOT})")
+                       help="folder with train/ and valid/ (default: the data.root the checkpoint was "
+                            "trained on)")
         p.add_argument("--images", type=int, default=None, help="sweep: limit the valid images used")
         p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
@@ -88,11 +87,10 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def data_root(args: argparse.Namespace, checkpoint: dict) -> str:
-    """--data-root, else the root the checkpoint was trained on, else the shared CamVid copy."""
+    """--data-root, else the root the checkpoint was trained on (its absence is reported where it is read)."""
     if args.data_root:
         return args.data_root
-    trained_on = ((checkpoint.get("config") or {}).get("data") or {}).get("root")
-    return trained_on if trained_on and Path(trained_on).is_dir() else DEFAULT_DATA_ROOT
+    return ((checkpoint.get("config") or {}).get("data") or {}).get("root") or "data"
 
 
 def prune_model(model: nn.Module, args: argparse.Namespace, sparsity: float) -> dict:

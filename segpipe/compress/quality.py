@@ -27,7 +27,7 @@ def split_dataset(meta: dict, root: str | Path, split: str) -> SegmentationDatas
         return SegmentationDataset(index, MaskDecoder.for_checkpoint(meta))
     except DataError as e:
         raise DataError(f"{e}. Here: pass --data-root pointing at a folder with {split}/NAME.jpg + "
-                        f"NAME_mask.png (e.g. ../shared/data/camvid)") from None
+                        f"NAME_mask.png (e.g. data/camvid)") from None
 
 
 def labelled_images(meta: dict, root: str | Path, split: str = "valid",
