@@ -1,12 +1,13 @@
 """The Dataset over ROOT/SPLIT/NAME.jpg + NAME_mask.png: a cached file index, mask decoding, lazy loading."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ class MaskDecoder:
         return labels.astype(self.dtype, copy=False)
 
     def _decode_rgb(self, rgb: np.ndarray, path: str) -> np.ndarray:
-        code = _rgb_code_array(rgb)
+        code = rgb_codes(rgb)
         pos = np.searchsorted(self.codes, code).clip(0, len(self.codes) - 1)
         known = self.codes[pos] == code
         if not known.all():
@@ -206,7 +207,8 @@ def _rgb_code(c) -> int:
     return (r << 16) | (g << 8) | b
 
 
-def _rgb_code_array(rgb: np.ndarray) -> np.ndarray:
+def rgb_codes(rgb: np.ndarray) -> np.ndarray:
+    """One int per pixel for (H, W, 3) colours: (r << 16) | (g << 8) | b, the key palettes are looked up by."""
     rgb = rgb.astype(np.int64)
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
@@ -218,7 +220,7 @@ def read_image(path: str, min_size: Optional[tuple[int, int]] = None) -> tuple[I
     draw masks on the turned view), and 16-bit grayscale is scaled to 8 bits. Returns the image and its
     full-resolution (width, height) as displayed, which its mask must match.
     """
-    try:
+    with _image_errors(path):
         img = Image.open(path)
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         swaps = orientation in SWAPPING_ORIENTATIONS
@@ -235,13 +237,27 @@ def read_image(path: str, min_size: Optional[tuple[int, int]] = None) -> tuple[I
             img = _to_8_bits(img)
         if img.mode != "RGB":
             img = img.convert("RGB")  # (convert on an RGB image would be a needless copy)
+    return img, stored
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """The (height, width) of an image as read_image shows it (EXIF orientation applied), from its header alone."""
+    with _image_errors(path), Image.open(path) as img:
+        swaps = img.getexif().get(ExifTags.Base.Orientation, 1) in SWAPPING_ORIENTATIONS
+        return (img.width, img.height) if swaps else (img.height, img.width)
+
+
+@contextlib.contextmanager
+def _image_errors(path: str) -> Iterator[None]:
+    """Turn Pillow's errors for an unreadable image into a DataError naming the file and the fix."""
+    try:
+        yield
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: {e}. If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
                         f"or downscale the file") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode the image ({e}). Re-export or remove the file "
                         f"(and its mask); the index notices the change") from None
-    return img, stored
 
 
 def _to_8_bits(img: Image.Image) -> Image.Image:

@@ -24,7 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
-from segpipe.data import DataError, FileIndex, _rgb_code_array, load_index
+from segpipe.data import DataError, FileIndex, rgb_codes, image_size, load_index
 
 MAX_CLASSES = 64  # more labels than this in a survey are not a class list anyone annotated
 RARE_PIXEL_SHARE = 1e-4  # below this share of the pixels read, a label is reported as rare, not made a class
@@ -125,7 +125,7 @@ def _read_labels(path: str, kinds: dict) -> np.ndarray:
             mask.load()
             mode = mask.mode
             if mode in RGB_MODES:
-                labels = _rgb_code_array(np.asarray(mask.convert("RGB")))  # the decoder's colour codes
+                labels = rgb_codes(np.asarray(mask.convert("RGB")))  # the decoder's colour codes
             elif mode in INDEX_MODES:
                 labels = np.asarray(mask).astype(np.int64)
             else:
@@ -230,17 +230,9 @@ def apply_discovery(data_cfg, index: FileIndex) -> str:
 
 
 def typical_image_size(index: FileIndex, samples: int = 20) -> tuple[int, int]:
-    """The median (height, width) of up to `samples` training images, read from their headers."""
+    """The median (height, width) of up to `samples` training images as displayed, read from their headers."""
     picks = np.unique(np.linspace(0, len(index) - 1, min(samples, len(index))).astype(int))
-    sizes = []
-    for i in picks:
-        path = index.paths(int(i))[0]
-        try:
-            with Image.open(path) as img:
-                sizes.append((img.height, img.width))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{path}: cannot decode the image ({e}). Re-export or remove the file (and its mask); "
-                            f"the index notices the change") from None
+    sizes = [image_size(index.paths(int(i))[0]) for i in picks]
     h, w = np.median(np.asarray(sizes), axis=0)
     return int(h), int(w)
 

@@ -282,6 +282,8 @@ def test_exif_orientation_is_applied_so_masks_drawn_on_the_shown_view_align(tmp_
     got = image.permute(1, 2, 0).numpy().astype(int)
     # Interior pixels match the colour of their class (JPEG blurs edges; a wrong turn would miss by ~100).
     assert np.median(np.abs(got - expected)) < 8
+    from segpipe.data import image_size  # the header-only size (crop clamping) follows the same rule
+    assert image_size(str(split / "photo.jpg")) == shown.shape
 
 
 # -- 4. config values -----------------------------------------------------------------------------------------------
@@ -472,7 +474,8 @@ def broken_data(base: Path) -> Path:
     for split in ("train", "valid"):
         for i in range(2):
             write_pair(base / split, f"img{i:03d}", random_mask(rng, *SIZE, 3))
-    (base / "train" / "img001.jpg").write_bytes(b"broken")
+    # A mask: only the loader workers read it (images are opened at start-up to size the crops).
+    (base / "train" / "img001_mask.png").write_bytes(b"broken")
     return base
 
 
@@ -480,7 +483,7 @@ def test_a_worker_error_in_train_is_the_last_line_without_the_worker_traceback(t
     root = broken_data(tmp_path / "data")
     result = run("train.py", *train_args(root, tmp_path / "run", "data.num_workers=1", "train.epochs=1"),
                  cwd=tmp_path)
-    assert_one_line_error(result, "data error on rank 0:", "img001.jpg: cannot decode the image")
+    assert_one_line_error(result, "data error on rank 0:", "img001_mask.png: cannot decode the mask")
     assert "Caught DataError" not in result.stderr and "Original Traceback" not in result.stderr
 
 
@@ -496,8 +499,8 @@ def test_under_torchrun_the_failing_ranks_line_ends_the_output_once(tmp_path, fr
     output = result.stdout + result.stderr
     lines = [line.strip() for line in output.splitlines() if line.strip() and set(line.strip()) != {"="}]
     # torchrun's failure summary ends with the root cause: our line, not "To enable traceback see ...".
-    assert "img001.jpg: cannot decode the image" in lines[-1] and "data error on rank" in lines[-1]
-    printed = [line for line in lines[:-1] if "img001.jpg: cannot decode" in line]
+    assert "img001_mask.png: cannot decode the mask" in lines[-1] and "data error on rank" in lines[-1]
+    printed = [line for line in lines[:-1] if "img001_mask.png: cannot decode" in line]
     assert len(printed) == 1 and printed[0].startswith("data error on rank")  # once, by the failing rank
     assert "Caught DataError" not in output
 

@@ -74,12 +74,12 @@ def test_torchrun_two_processes(make_dataset, tmp_path, free_port):
 
 def test_failing_rank_ends_the_job(make_dataset, tmp_path, free_port):
     root = make_dataset(n_train=2, n_valid=2)
-    (root / "train" / "img001.jpg").write_bytes(b"broken")  # read by exactly one of the two ranks
+    (root / "train" / "img001_mask.png").write_bytes(b"broken")  # read by exactly one of the two ranks
     start = time.monotonic()
     result = train(root, tmp_path / "fail", "train.epochs=1", "train.batch_size=1", torchrun=2, port=free_port,
                    timeout=180)
     assert result.returncode != 0
-    assert "img001.jpg: cannot decode the image" in result.stdout + result.stderr
+    assert "img001_mask.png: cannot decode the mask" in result.stdout + result.stderr
     assert time.monotonic() - start < 170
 
 
