@@ -18,6 +18,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from segpipe import distributed as dist_utils
 from segpipe.checkpoint import (FINISHED, FORMAT, CheckpointError, load_checkpoint, load_resume_checkpoint,
@@ -33,6 +34,7 @@ from segpipe.models import (ModelError, build_model, has_batchnorm_pooling, load
                             set_bn_momentum)
 from segpipe.outputs import OutputError, prepare_dir
 from segpipe.transforms import BlurNormalizeBatch, collate_eval, eval_transform, train_transform
+from segpipe.visualize import colorize, default_palette
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -140,7 +142,6 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
         if cfg.data.palette:
             palette = [list(c) for c in cfg.data.palette]
         else:
-            from segpipe.visualize import default_palette
             palette = [list(c) for c in default_palette(num_classes)]
         decoder = MaskDecoder(num_classes, cfg.data.ignore_index, cfg.data.mask_format, cfg.data.palette,
                               cfg.data.palette_ignore, cfg.data.label_map)
@@ -252,12 +253,10 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, rt: dist_utils.Runtime,
     global_batch = cfg.train.batch_size * rt.world_size * cfg.train.accum_steps
     lr = cfg.train.lr * (global_batch / cfg.train.lr_reference_batch if cfg.train.lr_reference_batch else 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.train.optimizer == "sgd":
+    if cfg.train.optimizer == "sgd":  # config.OPTIMIZERS: the config was checked against it when it was read
         optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
-    elif cfg.train.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
     else:
-        sys.exit(f"config error: train.optimizer={cfg.train.optimizer!r}; choose sgd or adamw")
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
     total_steps = max(1, cfg.train.epochs * steps_per_epoch)  # the schedule's length; max_steps only stops early
     max_steps = min(total_steps, cfg.train.max_steps or total_steps)
     schedule = Schedule(global_batch, lr, steps_per_epoch, total_steps, max_steps,
@@ -510,7 +509,8 @@ def validate(run: Run, state: TrainState) -> float:
             if iou == iou:  # NaN: class absent from truth and prediction
                 run.writer.add_scalar(f"val_iou/{name}", iou, state.step)
         for i, (image, truth, pred) in enumerate(kept):
-            panel = validation_panel(image, truth, pred, cfg.data.mean, cfg.data.std, run.data.palette)
+            panel = validation_panel(image, truth, pred, cfg.data.mean, cfg.data.std, run.data.palette,
+                                     cfg.data.ignore_index)
             run.writer.add_image(f"val/sample_{i}", panel, state.step)
     return metrics["miou"]
 
@@ -524,14 +524,14 @@ def log_scalars(writer: Optional[SummaryWriter], scalars: dict, step: int) -> No
 
 
 def validation_panel(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, mean: list, std: list,
-                     palette: list) -> torch.Tensor:
+                     palette: list, ignore_index: int) -> torch.Tensor:
     """image | truth | prediction side by side (uint8 CHW), at the mask's resolution, for TensorBoard."""
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     rgb = ((image.float().cpu() * std + mean).clamp(0, 1) * 255).to(torch.uint8)
     rgb = torch.nn.functional.interpolate(rgb[None].float(), size=truth.shape[-2:], mode="bilinear")[0]
-    colours = torch.tensor(palette + [[0, 0, 0]] * (256 - len(palette)), dtype=torch.uint8)
-    truth_rgb = colours[truth.long().clamp(0, 255)].permute(2, 0, 1)  # ignore_index shows black
-    pred_rgb = colours[pred.long()].permute(2, 0, 1)
+    # visualize.colorize is the one colouring of class maps (ignored pixels black), as in infer.py's pictures.
+    truth_rgb, pred_rgb = (pil_to_tensor(colorize(m.cpu().numpy(), palette, ignore_index).convert("RGB"))
+                           for m in (truth, pred))
     return torch.cat([rgb.to(torch.uint8), truth_rgb, pred_rgb], dim=2)
 
 

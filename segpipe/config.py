@@ -33,6 +33,19 @@ SIZE = allowed(lambda v: len(v) == 2 and all(isinstance(x, int) and not isinstan
                "[height, width]: two whole numbers above 0")
 RANGE = allowed(lambda v: len(v) == 2 and all(_number(x) and x > 0 for x in v) and v[0] <= v[1],
                 "[low, high]: two numbers above 0 with low <= high")
+
+
+def one_of(choices: tuple) -> dict:
+    """Field metadata: the value must be one of these words (the one declaration other modules read too)."""
+    return {"allowed": (lambda v: v in choices, f"one of {', '.join(choices)}"), "choices": choices}
+
+
+# The words a key accepts, declared once: the fields below and the modules that act on them use these.
+MASK_FORMATS = ("index", "rgb")
+AUGMENT_ON = ("auto", "workers", "device")
+OPTIMIZERS = ("sgd", "adamw")
+LOSSES = ("ce", "dice", "ce+dice")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
 CLASS_WEIGHTS = allowed(lambda v: v == "median_freq" or (isinstance(v, list) and all(_number(x) and x >= 0 for x in v)),
                         "median_freq or a list of one weight (a number >= 0) per class")
 
@@ -43,7 +56,7 @@ class DataConfig:
     # None: discovered from the training masks once and stored in the index (named class_0, ...).
     classes: Optional[list] = None
     ignore_index: int = 255
-    mask_format: str = "index"  # index | rgb
+    mask_format: str = field(default="index", metadata=one_of(MASK_FORMATS))
     palette: Optional[list] = None  # one [r, g, b] per class; required for rgb masks
     palette_ignore: Optional[list] = None  # rgb colours mapped to ignore_index
     label_map: Optional[dict] = None  # raw mask id -> class index (or ignore_index)
@@ -58,7 +71,7 @@ class DataConfig:
     color_jitter: float = field(default=0.0, metadata=AT_LEAST_0)  # strength for brightness/contrast/saturation; 0 disables
     # Where blur + normalisation run: workers (the loader), device (the training step, on the batch), or
     # auto (device when training on a GPU and color_jitter is off, else workers).
-    augment_on: str = "auto"
+    augment_on: str = field(default="auto", metadata=one_of(AUGMENT_ON))
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: Union[int, str] = "auto"  # loader processes per training process; auto: what the CPUs allow
@@ -92,14 +105,14 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata=AT_LEAST_1)  # per process; the global batch is batch_size * world_size * accum_steps
     lr: float = field(default=0.01, metadata=POSITIVE)  # for a global batch of lr_reference_batch; scaled linearly to the real one
     lr_reference_batch: Optional[int] = field(default=8, metadata=AT_LEAST_1)  # None: use lr as given, whatever the global batch
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = field(default="sgd", metadata=one_of(OPTIMIZERS))
     momentum: float = field(default=0.9, metadata=AT_LEAST_0)
     weight_decay: float = field(default=1e-4, metadata=AT_LEAST_0)
     warmup_steps: int = field(default=100, metadata=AT_LEAST_0)
     poly_power: float = 0.9
-    loss: str = "ce"  # ce | dice | ce+dice
+    loss: str = field(default="ce", metadata=one_of(LOSSES))
     class_weights: Optional[Any] = field(default=None, metadata=CLASS_WEIGHTS)  # None | list of floats | "median_freq"
-    amp: str = "auto"  # auto | bf16 | fp16 | none
+    amp: str = field(default="auto", metadata=one_of(AMP_MODES))
     accum_steps: int = field(default=1, metadata=AT_LEAST_1)
     grad_clip: Optional[float] = field(default=None, metadata=POSITIVE)  # max global grad norm; None disables
     seed: int = 0
@@ -122,12 +135,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/default"
-
-
-# Keys whose value must be one of a few words; checked when the config is read, not deep in training.
-CHOICES = {"data.mask_format": ("index", "rgb"), "data.augment_on": ("auto", "workers", "device"),
-           "train.optimizer": ("sgd", "adamw"),
-           "train.loss": ("ce", "dice", "ce+dice"), "train.amp": ("auto", "bf16", "fp16", "none")}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -228,8 +235,9 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             kwargs[key] = _check_type(dotted, value, hint_type)
             if dotted == "data.num_workers" and (value != "auto" if isinstance(value, str) else value < 0):
                 raise ConfigError(f"data.num_workers={value!r}; use auto or a number of processes (0 or more)")
-            if dotted in CHOICES and value not in CHOICES[dotted]:
-                raise ConfigError(f"{dotted}={value!r}; choose one of {', '.join(CHOICES[dotted])}")
+            choices = fields[key].metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{dotted}={value!r}; choose one of {', '.join(choices)}")
             check, wanted = fields[key].metadata.get("allowed", (None, None))
             if check is not None and kwargs[key] is not None and not _passes(check, kwargs[key]):
                 raise ConfigError(f"{dotted}={value!r} is not allowed; it must be {wanted}")

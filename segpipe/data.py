@@ -15,6 +15,8 @@ from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from segpipe.config import MASK_FORMATS
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = "_mask.png"
 INDEX_VERSION = 2
@@ -139,8 +141,8 @@ class MaskDecoder:
     def __init__(self, num_classes: int, ignore_index: int, mask_format: str = "index",
                  palette: Optional[list] = None, palette_ignore: Optional[list] = None,
                  label_map: Optional[dict] = None):
-        if mask_format not in ("index", "rgb"):
-            raise DataError(f"data.mask_format must be 'index' or 'rgb', got {mask_format!r}")
+        if mask_format not in MASK_FORMATS:
+            raise DataError(f"data.mask_format={mask_format!r}; choose one of {', '.join(MASK_FORMATS)}")
         self.num_classes, self.ignore_index, self.mask_format = num_classes, ignore_index, mask_format
         self.dtype = np.uint8 if max(num_classes - 1, ignore_index) <= 255 else np.int32
         self.lut = None

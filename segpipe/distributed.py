@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from segpipe.config import AMP_MODES, AUGMENT_ON
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -91,8 +93,8 @@ def restart_store(timeout: datetime.timedelta) -> dict:
 
 def resolve_amp(mode: str, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
     """The autocast dtype for train.amp on this device, and whether a GradScaler is needed."""
-    if mode not in ("auto", "bf16", "fp16", "none"):
-        raise ValueError(f"train.amp={mode!r}; choose auto, bf16, fp16 or none")
+    if mode not in AMP_MODES:
+        raise ValueError(f"train.amp={mode!r}; choose one of {', '.join(AMP_MODES)}")
     if mode == "none":
         return None, False
     if device.type == "cuda":
@@ -112,8 +114,8 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[Optional[torch.dtype],
 
 def resolve_augment_on(mode: str, device: torch.device, color_jitter: float) -> bool:
     """Whether data.augment_on puts blur + normalisation on the training device (True) or in the workers."""
-    if mode not in ("auto", "workers", "device"):
-        raise ValueError(f"data.augment_on={mode!r}; choose auto, workers or device")
+    if mode not in AUGMENT_ON:
+        raise ValueError(f"data.augment_on={mode!r}; choose one of {', '.join(AUGMENT_ON)}")
     if mode == "device" and color_jitter > 0:
         raise ValueError("data.augment_on=device cannot apply data.color_jitter, which needs [0, 1] colours "
                          "before normalisation in the workers; set data.augment_on=workers (or auto)")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-LOSSES = ("ce", "dice", "ce+dice")
+from segpipe.config import LOSSES
+
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, eps: float = 1.0) -> torch.Tensor:
