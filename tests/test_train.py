@@ -320,12 +320,12 @@ def test_scripts_run_with_spawned_loader_workers(make_dataset, tmp_path):
 
 
 def test_validation_panel_colours_classes_as_visualize_does_and_ignored_pixels_black():
-    import train as train_script
+    from segpipe import training
     palette = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
     truth = torch.tensor([[0, 1], [2, 11]])  # 11: the ignore index
     pred = torch.tensor([[2, 1], [0, 0]])
     image = torch.zeros(3, 4, 4)  # the mean colour after normalisation
-    panel = train_script.validation_panel(image, truth, pred, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], palette, 11)
+    panel = training.validation_panel(image, truth, pred, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], palette, 11)
     assert panel.dtype == torch.uint8 and panel.shape == (3, 2, 6)
     colours = torch.tensor(palette + [[0, 0, 0]], dtype=torch.uint8)
     assert torch.equal(panel[:, :, 2:4], colours[torch.tensor([[0, 1], [2, 3]])].permute(2, 0, 1))
