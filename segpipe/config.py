@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,12 +47,37 @@ AUGMENT_ON = ("auto", "workers", "device")
 OPTIMIZERS = ("sgd", "adamw")
 LOSSES = ("ce", "dice", "ce+dice")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+SIZE_UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+              "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_size(text: Union[str, int]) -> int:
+    """Bytes in a size such as 256MB, 20GB, 1.5TiB or 1000000 (decimal units, or binary with an i); ValueError else."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if not match or (unit and unit not in SIZE_UNITS):
+        raise ValueError(f"{text!r} is not a size; write it as 256MB, 20GB or 1.5TiB")
+    return int(float(match.group(1)) * SIZE_UNITS[unit or "B"])
+
+
+def _positive_size(v) -> bool:
+    try:
+        return parse_size(v) > 0
+    except ValueError:
+        return False
+
+
+BYTE_SIZE = allowed(_positive_size, "a size above 0 such as 500MB, 20GB or 1.5TiB")
 CLASS_WEIGHTS = allowed(lambda v: v == "median_freq" or (isinstance(v, list) and all(_number(x) and x >= 0 for x in v)),
                         "median_freq or a list of one weight (a number >= 0) per class")
 
 
 @dataclass
 class DataConfig:
+    # A folder holding train/ and valid/, or a shard descriptor written by `python -m segpipe.shards write`:
+    # its path (OUT/shards.json) or URL (https://, http://, s3://, gs://; needs pip install segpipe[shards]).
     root: str = "data"
     # None: discovered from the training masks once and stored in the index (named class_0, ...).
     classes: Optional[list] = None
@@ -75,7 +101,11 @@ class DataConfig:
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: Union[int, str] = "auto"  # loader processes per training process; auto: what the CPUs allow
-    cache_dir: Optional[str] = None  # where the file index goes if ROOT is read-only
+    cache_dir: Optional[str] = None  # where the file index goes if ROOT is read-only, and where remote shards are cached
+    cache_limit: Union[str, int] = field(default="20GB", metadata=BYTE_SIZE)  # disk for cached remote shards, LRU
+    # Shards whose samples are shuffled together (their order is shuffled too); a window covering every shard
+    # gives exactly the order of the same data as a folder.
+    shuffle_window: int = field(default=4, metadata=AT_LEAST_1)
     skip_unpaired: bool = False  # images without a mask: False = stop with an error, True = warn and skip
     synthetic: bool = False  # generate the built-in synthetic street scenes at data.root if missing
 

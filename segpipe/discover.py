@@ -24,7 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
-from segpipe.data import DataError, FileIndex, rgb_codes, image_size, load_index
+from segpipe.data import DataError, FileIndex, rgb_codes, load_index
 
 MAX_CLASSES = 64  # more labels than this in a survey are not a class list anyone annotated
 RARE_PIXEL_SHARE = 1e-4  # below this share of the pixels read, a label is reported as rare, not made a class
@@ -106,8 +106,8 @@ def survey(index: FileIndex, max_masks: int = 500) -> dict:
     kinds: dict[str, str] = {}  # mask_format -> first file read with it
     read = 0
     for read, i in enumerate(picks, 1):
-        path = index.paths(int(i))[1]
-        labels = _read_labels(path, kinds)
+        mask, name = index.mask_source(int(i))
+        labels = _read_labels(mask, name, kinds)
         values, counts = np.unique(labels, return_counts=True)
         for v, c in zip(values.tolist(), counts.tolist()):
             pixels[v] = pixels.get(v, 0) + c
@@ -118,10 +118,11 @@ def survey(index: FileIndex, max_masks: int = 500) -> dict:
             "masks_total": len(index), "example": next(iter(kinds.values()))}
 
 
-def _read_labels(path: str, kinds: dict) -> np.ndarray:
-    """The raw labels of one mask (ids, or 24-bit RGB codes), checking its mode against the masks before it."""
+def _read_labels(source, path: str, kinds: dict) -> np.ndarray:
+    """The raw labels of one mask (ids, or 24-bit RGB codes), checking its mode against the masks before it;
+    source is its path or its bytes as a file object, path the name errors give it."""
     try:
-        with Image.open(path) as mask:
+        with Image.open(source) as mask:
             mask.load()
             mode = mask.mode
             if mode in RGB_MODES:
@@ -232,7 +233,7 @@ def apply_discovery(data_cfg, index: FileIndex) -> str:
 def typical_image_size(index: FileIndex, samples: int = 20) -> tuple[int, int]:
     """The median (height, width) of up to `samples` training images as displayed, read from their headers."""
     picks = np.unique(np.linspace(0, len(index) - 1, min(samples, len(index))).astype(int))
-    sizes = [image_size(index.paths(int(i))[0]) for i in picks]
+    sizes = [index.image_size(int(i)) for i in picks]  # shards: from the descriptor, no download
     h, w = np.median(np.asarray(sizes), axis=0)
     return int(h), int(w)
 

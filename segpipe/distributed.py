@@ -228,9 +228,13 @@ class SeededSampler(Sampler):
         """Optimizer steps in this epoch from global position start."""
         return max(0, self.num_samples - start) // (self.world_size * self.step_samples)
 
-    def __iter__(self):
+    def order(self) -> list[int]:
+        """This epoch's order of all samples (every rank computes the same)."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's shuffle
-        order = torch.randperm(self.num_samples, generator=g).tolist()
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def __iter__(self):
+        order = self.order()
         positions = range(self.start + self.rank, self.start + len(self) * self.world_size, self.world_size)
         indices = [order[p] for p in positions]
         for i in indices:
@@ -241,6 +245,46 @@ class SeededSampler(Sampler):
 
     def __len__(self) -> int:
         return self.steps(self.start) * self.step_samples
+
+
+class ShardWindowSampler(SeededSampler):
+    """SeededSampler over tar shards: the shard order is shuffled, and the samples inside each window of
+    `window` consecutive shards (of that order) are shuffled together, so a node reads a few shards at a time.
+
+    Shard k holds the samples sum(shard_sizes[:k]) ... in order. Everything else is SeededSampler's: the order is a
+    function of (seed, epoch) only, rank r takes global positions r, r + world, ... (all ranks read the same window
+    at once), every rank gets whole optimizer steps, the tail shorter than one global step is left out, and
+    set_epoch(epoch, start=samples_done) resumes on any world size. A window covering every shard gives exactly
+    SeededSampler's order (so shards and the same data as a folder train bitwise alike).
+    """
+
+    def __init__(self, shard_sizes: list[int], rank: int, world_size: int, seed: int, step_samples: int,
+                 window: int):
+        super().__init__(sum(shard_sizes), rank, world_size, seed, step_samples)
+        self.shard_sizes, self.window = [int(n) for n in shard_sizes], window
+
+    def order(self) -> list[int]:
+        if self.window >= len(self.shard_sizes):
+            return super().order()
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        starts = [0]
+        for n in self.shard_sizes:
+            starts.append(starts[-1] + n)
+        shards = torch.randperm(len(self.shard_sizes), generator=g).tolist()
+        order = []
+        for w in range(0, len(shards), self.window):
+            members = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in shards[w:w + self.window]])
+            order += members[torch.randperm(len(members), generator=g)].tolist()
+        return order
+
+
+def train_sampler(index, rank: int, world_size: int, seed: int, step_samples: int, window: int) -> SeededSampler:
+    """The training sampler for an index: ShardWindowSampler for shards (an index with shard_sizes), else
+    SeededSampler."""
+    sizes = getattr(index, "shard_sizes", None)
+    if sizes is None:
+        return SeededSampler(len(index), rank, world_size, seed, step_samples)
+    return ShardWindowSampler(sizes, rank, world_size, seed, step_samples, window)
 
 
 def report_failure(message: str) -> None:

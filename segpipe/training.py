@@ -25,13 +25,14 @@ from segpipe.checkpoint import (FINISHED, FORMAT, CheckpointError, load_checkpoi
 from segpipe.compress import is_artefact, model_from_checkpoint
 from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
 from segpipe.config import Config, ConfigError, check_class_weights, load_config, to_dict
-from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, load_index, worker_message
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, open_index, worker_message
 from segpipe.discover import apply_discovery, clamp_crop
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
 from segpipe.models import (ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options,
                             set_bn_momentum)
 from segpipe.outputs import OutputError, prepare_dir
+from segpipe.shards.descriptor import is_descriptor
 from segpipe.transforms import BlurNormalizeBatch, collate_eval, eval_transform, train_transform
 from segpipe.visualize import colorize, default_palette
 
@@ -69,9 +70,10 @@ def read_config(path: str, overrides: list) -> Config:
         cfg = load_config(path, overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    if not cfg.data.synthetic and not Path(cfg.data.root).is_dir():
+    if not cfg.data.synthetic and not is_descriptor(cfg.data.root) and not Path(cfg.data.root).is_dir():
         sys.exit(f"data.root={cfg.data.root} does not exist. Put your data in ROOT/train/NAME.jpg + NAME_mask.png "
-                 f"(and ROOT/valid/...), then run `python train.py --config configs/default.yaml data.root=ROOT`; "
+                 f"(and ROOT/valid/...), then run `python train.py --config configs/default.yaml data.root=ROOT` "
+                 f"(or data.root=OUT/shards.json after `python -m segpipe.shards write ROOT OUT`); "
                  f"or try the built-in demo: `python train.py --config configs/synthetic.yaml`")
     try:  # before anything slow: a run that cannot save its checkpoints should not start
         prepare_dir(cfg.output_dir, "output_dir")
@@ -117,8 +119,10 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
         if cfg.data.synthetic:
             from segpipe.synthetic import ensure_dataset
             ensure_dataset(cfg.data.root)  # written once, on first use
-        train_index = load_index(cfg.data.root, "train", cfg.data.cache_dir, cfg.data.skip_unpaired)
-        valid_index = load_index(cfg.data.root, "valid", cfg.data.cache_dir, cfg.data.skip_unpaired)
+        # A folder's cached file index, or a shard descriptor's (segpipe.shards, remote shards cached on disk).
+        train_index, valid_index = (open_index(cfg.data.root, split, cfg.data.cache_dir, cfg.data.skip_unpaired,
+                                               cfg.data.cache_limit, cfg.data.shuffle_window)
+                                    for split in ("train", "valid"))
         if rt.local_rank == 0 and rt.world_size > 1:
             torch.distributed.barrier()
         if cfg.data.classes is None:  # no class list yet: the same detection as `python -m segpipe.discover`
@@ -147,8 +151,9 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
         device_augment = BlurNormalizeBatch(cfg.data.mean, cfg.data.std, cfg.data.blur_kernel)
     valid_set = SegmentationDataset(valid_index, decoder, eval_transform(cfg.data))
     # The epoch's order depends only on (seed, epoch), and positions count over all ranks: resume needs both.
-    train_sampler = dist_utils.SeededSampler(len(train_set), rt.rank, rt.world_size, cfg.train.seed,
-                                             cfg.train.batch_size * cfg.train.accum_steps)
+    # Shards: the same contract, shuffling within windows of data.shuffle_window shards.
+    train_sampler = dist_utils.train_sampler(train_index, rt.rank, rt.world_size, cfg.train.seed,
+                                             cfg.train.batch_size * cfg.train.accum_steps, cfg.data.shuffle_window)
     # Workers ignore SIGTERM/SIGINT, which torchrun and SLURM send to the whole process group: the training
     # process must outlive them long enough to save last.pt.
     num_workers = dist_utils.resolve_num_workers(cfg.data.num_workers)
