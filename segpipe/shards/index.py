@@ -11,7 +11,7 @@ import numpy as np
 from segpipe.config import parse_size
 from segpipe.data import DataError
 from segpipe.shards.descriptor import MASK_EXT, read_descriptor, split_shards
-from segpipe.shards.store import ShardInfo, ShardStore
+from segpipe.shards.store import ShardInfo, ShardStore, human
 
 HEADER = 512  # a tar member's header precedes its bytes: read with them, it confirms the offset names that member
 MAX_OPEN = 16  # shard files a process keeps open (a shuffle window's worth)
@@ -126,9 +126,9 @@ def check_cache_room(index: ShardIndex, window: int) -> None:
     the next), else shards would be evicted while still being read."""
     if not index.store.remote:
         return
-    needed = 2 * min(window, len(index.shards)) * max(s.bytes for s in index.shards)
+    largest = max(s.bytes for s in index.shards)
+    needed = 2 * min(window, len(index.shards)) * largest
     if index.store.limit < needed:
-        raise DataError(f"data.cache_limit={index.store.limit / 1e6:.1f} MB cannot hold two shuffle windows of "
-                        f"{window} shards of up to {needed / 2e6 / min(window, len(index.shards)):.1f} MB from "
-                        f"{index.split_dir}; raise data.cache_limit to at least {needed / 1e6:.0f} MB or lower "
-                        f"data.shuffle_window")
+        raise DataError(f"data.cache_limit={human(index.store.limit)} cannot hold two shuffle windows of {window} "
+                        f"shards of up to {human(largest)} from {index.split_dir}; raise data.cache_limit to at "
+                        f"least {human(needed)} or lower data.shuffle_window")

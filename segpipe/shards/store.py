@@ -78,6 +78,8 @@ def with_retries(url: str, attempts: int, action: Callable[[], object]):
                             f"with their shards.json, or fix data.root") from None
         except DataError:
             raise
+        except TimeoutError:  # asyncio's and fsspec's too
+            last = "timed out: the server sent nothing for too long"
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise
@@ -88,10 +90,10 @@ def with_retries(url: str, attempts: int, action: Callable[[], object]):
                     f"reachable and holds the shards of this descriptor") from None
 
 
-def read_remote(url: str, timeout_s: float = TIMEOUT_S, attempts: int = ATTEMPTS) -> bytes:
+def read_remote(url: str) -> bytes:
     """The bytes of a small remote file (a descriptor), with retries and bounded timeouts."""
-    fs, path = filesystem(url, timeout_s)
-    return with_retries(url, attempts, lambda: fs.cat_file(path))
+    fs, path = filesystem(url, TIMEOUT_S)
+    return with_retries(url, ATTEMPTS, lambda: fs.cat_file(path))
 
 
 @contextlib.contextmanager
@@ -112,11 +114,11 @@ class ShardStore:
     evicted beyond `limit` bytes). Several loader workers and ranks of one node share a cache through file locks."""
 
     def __init__(self, location: str, cache_dir: Optional[str] = None, limit: int = 20 * 10 ** 9,
-                 timeout_s: float = TIMEOUT_S, attempts: int = ATTEMPTS):
+                 timeout_s: Optional[float] = None, attempts: Optional[int] = None):
         self.location, self.remote = location, is_remote(location)
         base = Path(cache_dir or os.environ.get("SEGPIPE_CACHE", Path.home() / ".cache" / "segpipe"))
         self.cache_dir = base / "shards"
-        self.limit, self.timeout_s, self.attempts = limit, timeout_s, attempts
+        self.limit, self.timeout_s, self.attempts = limit, timeout_s or TIMEOUT_S, attempts or ATTEMPTS
 
     def where(self, name: str) -> str:
         """The shard's URL or path, as errors name it."""
@@ -131,8 +133,8 @@ class ShardStore:
             return str(cached)
         url = self.where(shard.name)
         if shard.bytes > self.limit:
-            raise DataError(f"{url} is {shard.bytes / 1e6:.1f} MB, more than data.cache_limit={self.limit / 1e6:.1f} MB "
-                            f"of local cache; raise data.cache_limit")
+            raise DataError(f"{url} is {human(shard.bytes)}, more than data.cache_limit={human(self.limit)} of "
+                            f"local cache; raise data.cache_limit")
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -184,15 +186,15 @@ class ShardStore:
                 used -= size
         free = shutil.disk_usage(self.cache_dir).free
         if needed > free:
-            raise DataError(f"the disk of the shard cache {self.cache_dir} has {free / 1e6:.1f} MB free but {url} "
-                            f"needs {needed / 1e6:.1f} MB; free space or set data.cache_dir to a larger disk")
+            raise DataError(f"the disk of the shard cache {self.cache_dir} has {human(free)} free but {url} "
+                            f"needs {human(needed)}; free space or set data.cache_dir to a larger disk")
 
     def _download(self, url: str, partial: Path, shard: ShardInfo) -> None:
         """One attempt: stream the shard into `partial`, hashing as it goes; raise if it is not the listed one."""
         fs, path = filesystem(url, self.timeout_s)
         digest, size = hashlib.sha256(), 0
-        # block_size=0: one streaming GET (no HEAD, no range requests) over HTTP
-        options = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
+        # Over HTTP one streaming GET: block_size=0 streams, the known size saves fsspec's request for it.
+        options = {"block_size": 0, "size": shard.bytes} if url.startswith(("http://", "https://")) else {}
         with fs.open(path, "rb", **options) as src, open(partial, "r+b") as dst:
             while chunk := src.read(CHUNK):
                 digest.update(chunk)
@@ -203,6 +205,14 @@ class ShardStore:
             raise ChecksumError(f"checksum mismatch: got {size} bytes with sha256 {digest.hexdigest()[:16]}..., the "
                                 f"descriptor lists {shard.bytes} bytes with sha256 {shard.sha256[:16]}... (a changed "
                                 f"or truncated shard: upload the shards and their shards.json together)")
+
+
+def human(size: int) -> str:
+    """A byte count as people read it: 512 bytes, 3.2 MB, 1.5 GB."""
+    for unit, scale in (("GB", 10 ** 9), ("MB", 10 ** 6)):
+        if size >= scale / 10:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 class ChecksumError(Exception):
