@@ -30,6 +30,9 @@ CAMVID = REPO.parent / "shared" / "data" / "camvid"
 
 def small_pairs(root: Path, n: int, size: int = 32, templates: int = 64) -> Path:
     """n train pairs (plus a few valid) of size x size: `templates` distinct encoded pairs, their bytes reused."""
+    done = root / ".complete"
+    if done.is_file():  # made by an earlier run with --work-dir
+        return root
     rng = np.random.default_rng(0)
     encoded = []
     for _ in range(templates):
@@ -44,6 +47,7 @@ def small_pairs(root: Path, n: int, size: int = 32, templates: int = 64) -> Path
             image, png = encoded[i % templates]
             (folder / f"s{i:07d}.jpg").write_bytes(image)
             (folder / f"s{i:07d}_mask.png").write_bytes(png)
+    done.touch()
     return root
 
 
@@ -119,8 +123,10 @@ def main() -> None:
         sets.append(("CamVid", Path(args.root), "256MB"))
     for n in sorted({10_000, args.pairs}):
         sets.append(("synthetic 32x32", small_pairs(work / f"pairs{n}", n), "256MB"))
+    # Memory follows the samples in one shard (its member list is held while it is described), not the set:
+    sets.append(("synthetic 32x32", sets[-1][1], "32MB"))
     for name, root, shard_size in sets:
-        out = work / f"shards-{root.name}"
+        out = work / f"shards-{root.name}-{shard_size}"
         shutil.rmtree(out, ignore_errors=True)
         r = write_shards(root, out, shard_size)
         pairs = sum(1 for _ in (root / "train").glob("*_mask.png")) + sum(1 for _ in (root / "valid").glob("*_mask.png"))
@@ -130,7 +136,7 @@ def main() -> None:
     name, root = sets[0][0], sets[0][1]
     cfg = load_config(args.config, [f"data.root={root}"]).data if name == "CamVid" else \
         load_config(None, ["data.classes=[a,b,c]", "data.crop_size=[32,32]"]).data
-    out = work / f"shards-{root.name}"
+    out = work / f"shards-{root.name}-{sets[0][2]}"
     print(f"\n# reading {name} train ({args.workers} workers, batch 8, crop {cfg.crop_size}): one pass of each "
           f"training sampler, worker start-up included; shards with data.shuffle_window=4")
     print("\n| source | samples/s | vs folder |")

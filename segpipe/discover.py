@@ -24,7 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
-from segpipe.data import DataError, FileIndex, rgb_codes, load_index
+from segpipe.data import DataError, FileIndex, open_index, rgb_codes
 
 MAX_CLASSES = 64  # more labels than this in a survey are not a class list anyone annotated
 RARE_PIXEL_SHARE = 1e-4  # below this share of the pixels read, a label is reported as rare, not made a class
@@ -313,12 +313,13 @@ def has_cuda() -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m segpipe.discover", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", help="folder holding train/NAME.jpg + NAME_mask.png (and valid/)")
+    parser.add_argument("root", help="folder holding train/NAME.jpg + NAME_mask.png (and valid/), or a shard "
+                                     "descriptor (OUT/shards.json or its URL)")
     parser.add_argument("--out", help="write the config to this file (default: print it)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.add_argument("--ignore-index", type=int, help="index masks: the id that is void (default: 255 if present)")
     parser.add_argument("--max-masks", type=int, default=500, help="masks read, spread evenly over the split")
-    parser.add_argument("--cache-dir", help="where the file index goes if ROOT is read-only")
+    parser.add_argument("--cache-dir", help="where the file index goes if ROOT is read-only (and remote shards)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else None
     if out is not None:  # checked before the work, so a bad path costs nothing
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_masks < 1:
         sys.exit(f"error: --max-masks must be 1 or more, got {args.max_masks}")
     try:
-        index = load_index(args.root, "train", args.cache_dir)
+        index = open_index(args.root, "train", args.cache_dir)  # a folder, or a shard descriptor's path or URL
         found = detect(index, args.max_masks, args.ignore_index)
         size = typical_image_size(index)
     except DataError as e:

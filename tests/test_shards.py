@@ -418,6 +418,13 @@ def test_processes_sharing_a_cache_download_each_shard_once(shards, tmp_path):
         assert all(server.requests[f"train-00000{k}.tar"] == 1 for k in range(3)), server.requests
 
 
+def test_missing_fsspec_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(DataError, match=r"https://example.org/shards.json: reading remote shards needs a package "
+                                        r"that is not installed .*pip install 'segpipe\[shards\]'"):
+        open_index("https://example.org/shards.json", "train")
+
+
 def test_cache_limit_is_a_size():
     assert load_config(None, ["data.cache_limit=1.5GiB"]).data.cache_limit == "1.5GiB"
     with pytest.raises(ConfigError, match="data.cache_limit='lots' is not allowed; it must be a size above 0"):

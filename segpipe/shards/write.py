@@ -160,8 +160,8 @@ def write_descriptor(out_dir: Path, splits: tuple) -> Path:
             samples = size = number = 0
             while _finished(out_dir, f"{split}-{number:06d}.tar"):
                 text = _record_path(out_dir, f"{split}-{number:06d}.tar").read_text()
-                record = json.loads(text)
-                samples, size = samples + record["samples"], size + record["bytes"]
+                head = _record_head(out_dir, f"{split}-{number:06d}.tar")
+                samples, size = samples + head["samples"], size + head["bytes"]
                 f.write(", " * bool(number) + text)
                 number += 1
             f.write(f'], "samples": {samples}, "bytes": {size}}}')
@@ -179,7 +179,14 @@ def _finished(out_dir: Path, name: str) -> bool:
     record, shard = _record_path(out_dir, name), out_dir / name
     if not (record.is_file() and shard.is_file()):
         return False
-    return json.loads(record.read_text())["bytes"] == shard.stat().st_size
+    return _record_head(out_dir, name)["bytes"] == shard.stat().st_size
+
+
+def _record_head(out_dir: Path, name: str) -> dict:
+    """A record's fields before its members (name, bytes, sha256, samples), without parsing the members."""
+    with open(_record_path(out_dir, name)) as f:
+        text = f.read(1024)
+    return json.loads(text[:text.index(',"members":')] + "}")
 
 
 def _save_record(out_dir: Path, record: dict) -> None:
