@@ -1,8 +1,10 @@
 """Shard writing and reading: `python benchmarks/shards.py [--root ../shared/data/camvid] [--pairs 100000]`.
 
 Prints the time, MB/s and peak RSS of `python -m segpipe.shards write` for CamVid (if present) and for synthetic
-sets of small pairs (10,000 and --pairs), then the training loader's samples/s reading CamVid (or a synthetic set)
-from local shards and from the local folder: same transforms, same workers, each with its training sampler.
+sets of small 32x32 pairs (10,000 and --pairs; the largest also with 32MB shards), then reading CamVid (or the
+first set) from local shards and from the local folder: the training loader's samples/s (same transforms, same
+workers, each with its training sampler) and the CPU time of reading + decoding a sample in one process.
+--work-dir keeps the generated sets for another run.
 """
 import argparse
 import shutil
@@ -93,6 +95,19 @@ def loader_rate(dataset, sampler: Sampler, workers: int, batch_size: int = 8) ->
     return count / (time.perf_counter() - tic)
 
 
+def load_ms(dataset, sampler: Sampler, repeats: int = 3) -> float:
+    """CPU ms per sample of reading and decoding (dataset.load, no transform) in this process, in the sampler's
+    order; the fastest of `repeats` passes (process time: other jobs barely change it)."""
+    order = [i for i, _ in sampler]
+    best = float("inf")
+    for _ in range(repeats):
+        tic = time.process_time()
+        for i in order:
+            dataset.load(i)
+        best = min(best, (time.process_time() - tic) / len(order) * 1000)
+    return best
+
+
 def training_set(root: str, cfg, shuffle_window: int = 4, cache_dir=None):
     """(dataset with the training transform, the training sampler of one process) of a folder or descriptor."""
     index = open_index(root, "train", cache_dir, cache_limit="2GB", window=shuffle_window)
@@ -139,15 +154,17 @@ def main() -> None:
     out = work / f"shards-{root.name}-{sets[0][2]}"
     print(f"\n# reading {name} train ({args.workers} workers, batch 8, crop {cfg.crop_size}): one pass of each "
           f"training sampler, worker start-up included; shards with data.shuffle_window=4")
-    print("\n| source | samples/s | vs folder |")
-    print("|---|---:|---:|")
-    rates = {}
+    print("\n| source | loader samples/s | vs folder | read + decode, CPU ms/sample |")
+    print("|---|---:|---:|---:|")
+    rates, cpu = {}, {}
     for _ in range(2):  # interleaved, twice: other jobs on a shared machine disturb both alike
         for source, location in (("local folder", str(root)), ("local shards", str(out / "shards.json"))):
             rates.setdefault(source, []).append(loader_rate(*training_set(location, cfg), args.workers))
+    for source, location in (("local folder", str(root)), ("local shards", str(out / "shards.json"))):
+        cpu[source] = load_ms(*training_set(location, cfg))
     for source, values in rates.items():
         best = max(values)
-        print(f"| {source} | {best:.1f} | {best / max(rates['local folder']):.2f}x |")
+        print(f"| {source} | {best:.1f} | {best / max(rates['local folder']):.2f}x | {cpu[source]:.2f} |")
 
 
 if __name__ == "__main__":
