@@ -7,8 +7,6 @@ import io
 import json
 import multiprocessing
 import os
-import signal
-import subprocess
 import sys
 import tarfile
 from collections import Counter
@@ -20,18 +18,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.slow_server import SlowServer
-from conftest import REPO, run_env
+from conftest import run_env
 from segpipe.checkpoint import load_checkpoint
 from segpipe.config import ConfigError, load_config
 from segpipe.data import DataError, MaskDecoder, SegmentationDataset, open_index
 from segpipe.discover import apply_discovery
 from segpipe.distributed import SeededSampler, ShardWindowSampler
-from segpipe.shards import ShardStore, index_shards, open_split, store as store_module, write as write_module
+from segpipe.shards import ShardStore, index_shards, open_split, write as write_module
 from segpipe.shards.write import write_shards
 from segpipe.transforms import train_transform
-from segpipe import training
 from segpipe.shards import __main__ as shards_cli
-from test_train import TINY, data_args, train_command
+from test_train import train
 
 SHARD = 6000  # bytes: about two 40x56 pairs per shard
 
@@ -227,31 +224,19 @@ def test_loader_order_is_the_same_for_0_1_and_2_workers(shards):
 
 # -- training from shards ---------------------------------------------------------------------------------------------
 
-def train_here(root, out, *overrides) -> None:
-    """training.train(cfg) in this process (what train.py runs), with train_py's tiny settings."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:  # train() takes SIGTERM/SIGINT over to save on a signal: pytest gets them back after
-        cfg = load_config(REPO / "configs/default.yaml", [*TINY, *data_args(root, out), *overrides])
-        assert training.train(cfg) == 0
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-
-
-def test_training_from_local_shards_matches_the_folder_bitwise_and_resumes_mid_epoch(shards, tmp_path, capsys):
+def test_training_from_local_shards_matches_the_folder_bitwise_and_resumes_mid_epoch(shards, tmp_path):
     """A window covering every shard gives the folder's order: the same weights and mIoU. Stopped mid-epoch
     (max_steps 3 of 4 per epoch) and resumed, the shard run ends bitwise where the straight one does."""
     root, out = shards
     run = ("train.epochs=2", "data.shuffle_window=8")
-    train_here(root, tmp_path / "folder", *run)
-    train_here(out / "shards.json", tmp_path / "straight", *run)
+    for data, folder in ((root, "folder"), (out / "shards.json", "straight"), (out / "shards.json", "resumed")):
+        result = train(data, tmp_path / folder, *run, *(["train.max_steps=3"] if folder == "resumed" else []))
+        assert result.returncode == 0, result.stderr
     a, b = load_checkpoint(tmp_path / "folder" / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and a["miou"] == b["miou"] > 0
-    train_here(out / "shards.json", tmp_path / "resumed", *run, "train.max_steps=3")
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["samples_done"] == 6
-    capsys.readouterr()
-    train_here(out / "shards.json", tmp_path / "resumed", *run, "train.resume=auto")
-    assert "sample 6 of the epoch" in capsys.readouterr().out
+    resumed = train(out / "shards.json", tmp_path / "resumed", *run, "train.resume=auto")
+    assert resumed.returncode == 0 and "sample 6 of the epoch" in resumed.stdout, resumed.stderr
     c = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert all(torch.equal(b["model"][k], c["model"][k]) for k in b["model"]) and c["miou"] == b["miou"]
 
@@ -263,10 +248,9 @@ def test_two_ranks_train_over_http_each_sample_once_one_download_per_shard(shard
     trace, cache = tmp_path / "trace", tmp_path / "cache"
     trace.mkdir()
     with SlowServer(out, delay_s=0.02) as server:
-        cmd = train_command(f"{server.url}/shards.json", tmp_path / "run", "train.epochs=2", "data.shuffle_window=1",
-                            f"data.cache_dir={cache}", "data.classes=null", torchrun=2, port=free_port)
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=run_env() | {
-            "SEGPIPE_TRACE_SAMPLES": str(trace)}, cwd=REPO)
+        result = train(f"{server.url}/shards.json", tmp_path / "run", "train.epochs=2", "data.shuffle_window=1",
+                       f"data.cache_dir={cache}", "data.classes=null", torchrun=2, port=free_port,
+                       env=run_env() | {"SEGPIPE_TRACE_SAMPLES": str(trace)})
         requests = dict(server.requests)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data.classes is not set" in result.stdout and "3 classes" in result.stdout
