@@ -33,7 +33,7 @@ from segpipe.losses import SegmentationLoss, median_frequency_weights
 from segpipe.models import (ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options,
                             set_bn_momentum)
 from segpipe.outputs import OutputError, prepare_dir
-from segpipe.transforms import BlurNormalizeBatch, collate_eval, eval_transform, train_transform
+from segpipe.transforms import PixelOps, collate_eval, eval_transform, train_transform
 from segpipe.visualize import colorize, default_palette
 
 
@@ -95,8 +95,7 @@ def setup_runtime(cfg: Config) -> dist_utils.Runtime:
     """Join the process group and pick device and precision (every such choice is made in distributed.setup)."""
     try:
         rt = dist_utils.setup(cfg.train.device, cfg.train.backend, cfg.train.amp, cfg.model.channels_last,
-                              timeout_s=cfg.train.dist_timeout_s, augment_on=cfg.data.augment_on,
-                              color_jitter=cfg.data.color_jitter)
+                              timeout_s=cfg.train.dist_timeout_s, augment_on=cfg.data.augment_on)
     except ValueError as e:
         sys.exit(f"config error: {e}")
     torch.manual_seed(cfg.train.seed)
@@ -152,10 +151,10 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
     decode_size = tuple(cfg.data.train_size) if cfg.data.train_size else None
     train_set = SegmentationDataset(train_index, decoder, train_transform(cfg.data, rt.augment_on_device),
                                     decode_size)
-    # With data.augment_on=device the workers send uint8 crops and blur draws; the training step does the rest.
+    # With data.augment_on=device the workers send uint8 crops and their pixel parameters; the step does the rest.
     device_augment = None
     if rt.augment_on_device:
-        device_augment = BlurNormalizeBatch(cfg.data.mean, cfg.data.std, cfg.data.blur_kernel)
+        device_augment = PixelOps.from_config(cfg.data)
     valid_set = SegmentationDataset(valid_index, decoder, eval_transform(cfg.data))
     # The epoch's order depends only on (seed, epoch), and positions count over all ranks: resume needs both.
     train_sampler = dist_utils.SeededSampler(len(train_set), rt.rank, rt.world_size, cfg.train.seed,

@@ -29,7 +29,7 @@ from segpipe.checkpoint import load_checkpoint, save_checkpoint
 from segpipe.config import load_config
 from segpipe.distributed import Runtime, SeededSampler
 from segpipe.engine import TrainState, model_seed, train_one_epoch
-from segpipe.transforms import BlurNormalizeBatch
+from segpipe.transforms import PixelOps
 from test_train import NoBatchNormNet, train, train_command
 
 import train as train_script
@@ -263,10 +263,10 @@ def test_logged_loss_is_the_mean_over_the_interval():
 
 
 def test_device_blur_keeps_its_constants_on_the_device():
-    blur = BlurNormalizeBatch([0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 5)
+    blur = PixelOps([0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 5)
     images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8, device="meta")  # stands in for a GPU
-    blur(images, torch.ones(2, device="meta"))
-    assert blur.scale.device.type == "meta" and blur.shift.device.type == "meta"
+    out = blur(images, torch.ones(2, 8))  # the pixel parameters stay on the CPU
+    assert out.device.type == "meta" and blur.scale.device.type == "meta" and blur.shift.device.type == "meta"
 
 
 # -- resume decided by rank 0 --------------------------------------------------------------------------------
