@@ -69,8 +69,8 @@ class DataConfig:
     blur_kernel: int = field(default=5, metadata=allowed(lambda v: v > 0 and v % 2 == 1, "an odd number above 0"))
     blur_sigma: list = field(default_factory=lambda: [0.1, 2.0], metadata=RANGE)
     color_jitter: float = field(default=0.0, metadata=AT_LEAST_0)  # strength for brightness/contrast/saturation; 0 disables
-    # Where blur + normalisation run: workers (the loader), device (the training step, on the batch), or
-    # auto (device when training on a GPU and color_jitter is off, else workers).
+    # Where the pixel work (blur, colour jitter, normalisation) runs: workers (the loader), device (the training
+    # step, on the batch), or auto (device when training on a GPU, else workers).
     augment_on: str = field(default="auto", metadata=one_of(AUGMENT_ON))
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])

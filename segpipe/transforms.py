@@ -135,6 +135,7 @@ class PixelOps:
         return cls(cfg.mean, cfg.std, cfg.blur_kernel, cfg.color_jitter)
 
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The normalised float batch for uint8 images (N, 3, H, W) and their parameter rows (N, PIXEL_PARAMS)."""
         if self.scale.device != images.device:  # copied to the device once, not on every batch
             self.scale, self.shift = self.scale.to(images.device), self.shift.to(images.device)
         params = params.cpu()
