@@ -124,7 +124,8 @@ class PixelOps:
     def __init__(self, mean: Sequence[float], std: Sequence[float], blur_kernel: int, color_jitter: float = 0.0):
         if blur_kernel % 2 != 1:
             raise ValueError(f"data.blur_kernel must be odd, got {blur_kernel}")
-        self.mean, self.std, self.kernel_size = list(mean), list(std), blur_kernel
+        self.kernel_size = blur_kernel
+        self.mean, self.std = torch.tensor(list(mean)), torch.tensor(list(std))
         self.scale, self.shift = normalisation_affine(mean, std)
         j = color_jitter
         self.jitter = v2.ColorJitter(brightness=j, contrast=j, saturation=j) if j > 0 else None
@@ -136,19 +137,21 @@ class PixelOps:
 
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """The normalised float batch for uint8 images (N, 3, H, W) and their parameter rows (N, PIXEL_PARAMS)."""
-        if self.scale.device != images.device:  # copied to the device once, not on every batch
-            self.scale, self.shift = self.scale.to(images.device), self.shift.to(images.device)
+        device = images.device
+        if self.scale.device != device:  # copied to the device once, not on every batch
+            self.mean, self.std, self.scale, self.shift = (t.to(device) for t in (self.mean, self.std, self.scale,
+                                                                                  self.shift))
         params = params.cpu()
+        sigmas = params[:, SIGMA].to(device, non_blocking=True)  # asynchronous: no wait for the device
         blurred = params[:, SIGMA] > 0
         if self.jitter is None:  # a normalised blur commutes with the per-channel affine normalisation: one pass
             return split_rows(
                 images, blurred,
-                lambda x, rows: gaussian_blur(x, self.kernel_size, params[rows, SIGMA], self.scale, self.shift),
+                lambda x, rows: gaussian_blur(x, self.kernel_size, sigmas[rows], self.scale, self.shift),
                 lambda x, rows: torch.addcmul(self.shift.view(3, 1, 1), x.to(torch.float32), self.scale.view(3, 1, 1)))
         # Colour jitter blends and clamps [0, 1] colours, so normalising comes last.
         x = F.to_dtype(images, torch.float32, scale=True)
-        x = split_rows(x, blurred, lambda x, rows: gaussian_blur(x, self.kernel_size, params[rows, SIGMA]),
-                       lambda x, rows: x)
+        x = split_rows(x, blurred, lambda x, rows: gaussian_blur(x, self.kernel_size, sigmas[rows]), lambda x, rows: x)
         # torchvision's colour kernels take one factor per call, hence one image at a time.
         x = torch.stack([self.jitter.transform(image, jitter_params(row)) for image, row in zip(x, params.tolist())])
         return F.normalize(x, self.mean, self.std)
@@ -163,18 +166,19 @@ def jitter_params(row: list[float]) -> dict:
 
 def split_rows(x: torch.Tensor, chosen: torch.Tensor, if_chosen: Callable, otherwise: Callable) -> torch.Tensor:
     """if_chosen(x[rows], rows) for the rows where the CPU bool vector chosen is set, otherwise(x[rows], rows) for
-    the rest, put back in x's order; a batch all of one kind goes through whole, uncopied."""
+    the rest, put back in x's order; a batch all of one kind goes through whole, uncopied. Deciding on the CPU
+    keeps the device from waiting."""
     if chosen.all():
         return if_chosen(x, slice(None))
     if not chosen.any():
         return otherwise(x, slice(None))
     out = None
     for fn, rows in ((if_chosen, chosen.nonzero()[:, 0]), (otherwise, (~chosen).nonzero()[:, 0])):
-        on_device = rows.to(x.device)
-        part = fn(x[on_device], rows)
+        rows = rows.to(x.device, non_blocking=True)
+        part = fn(x[rows], rows)
         if out is None:
             out = part.new_empty((len(x), *part.shape[1:]))
-        out[on_device] = part
+        out[rows] = part
     return out
 
 
