@@ -26,13 +26,32 @@ def tracker_names(value: str | list) -> list[str]:
 
 def require_packages(trackers: str | list) -> None:
     """Import the optional packages train.tracker asks for, so a missing one stops the run before it trains."""
-    for name in tracker_names(trackers):
+    names = tracker_names(trackers)
+    for name in names:
         if name in PIP:
             try:
                 importlib.import_module(name)
             except ImportError as e:
                 raise ConfigError(f"train.tracker={trackers} needs the {name} package, which cannot be imported "
                                   f"({e}); {PIP[name]}, or leave {name} out of train.tracker") from None
+    if "mlflow" in names:
+        require_mlflow_store_packages()
+
+
+def require_mlflow_store_packages() -> None:
+    """MLflow's database stores, its default sqlite:///mlflow.db included, need SQLAlchemy and Alembic, which
+    mlflow-skinny comes without (MLflow's own error for that speaks of the model registry)."""
+    import mlflow
+    uri = mlflow.get_tracking_uri()
+    if urlparse(uri).scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql", "mssql"):
+        return
+    for package in ("sqlalchemy", "alembic"):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise ConfigError(f"MLflow's tracking store {uri} is a database, which needs the {package} package "
+                              f"(mlflow-skinny comes without it): pip install mlflow, or set MLFLOW_TRACKING_URI "
+                              f"to an MLflow server (http://HOST:PORT)") from None
 
 
 def config_params(config: dict, prefix: str = "") -> dict:
@@ -197,7 +216,6 @@ class MLflowBackend:
     @classmethod
     def open(cls, out_dir: Path, experiment: str, resumed: bool, log: Callable) -> "MLflowBackend":
         import mlflow
-        from mlflow.exceptions import MlflowException
         uri = mlflow.get_tracking_uri()
         try:
             client = mlflow.MlflowClient(uri)
@@ -209,11 +227,10 @@ class MLflowBackend:
                                            tags={"segpipe.output_dir": str(out_dir.resolve())}).info.run_id
                 store_run_id(out_dir, cls.name, run_id)
             backend = cls(client, run_id)
-        except (MlflowException, ImportError, OSError) as e:
-            raise ConfigError(f"MLflow cannot use the tracking store {uri} ({first_line(e)}); set "
-                              f"MLFLOW_TRACKING_URI to one it can write, e.g. sqlite:///mlflow.db (MLflow's "
-                              f"default, which needs `pip install mlflow`), or leave mlflow out of "
-                              f"train.tracker") from None
+        except Exception as e:  # noqa: BLE001 (stores fail in their own ways: MLflow, SQLAlchemy, HTTP, files)
+            raise ConfigError(f"MLflow cannot use the tracking store {uri} ({type(e).__name__}: {first_line(e)}); "
+                              f"set MLFLOW_TRACKING_URI to a store it can write (unset: sqlite:///mlflow.db in "
+                              f"the working folder), or leave mlflow out of train.tracker") from None
         log(f"MLflow: run {run_id} of experiment {experiment!r} in {uri} (see it with `mlflow ui`)")
         return backend
 
