@@ -14,7 +14,7 @@ from segpipe import training
 from segpipe.checkpoint import load_checkpoint
 from segpipe.config import load_config
 from segpipe.metrics import ConfusionMatrix
-from segpipe.tracking import config_params
+from segpipe.tracking import FAILED, Tracker, config_params
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -128,6 +128,37 @@ def test_unusable_mlflow_store_is_a_one_line_config_error(make_dataset, tmp_path
     message = str(stop.value.code)
     assert message.startswith(f"config error: MLflow cannot use the tracking store sqlite:///{tmp_path / 'a_file'}")
     assert "\n" not in message and not (out / "last.pt").exists()
+
+
+class Recorder:
+    """A tracker backend that keeps what it is given (and can be told to break, as a vanished server does)."""
+
+    name = "recorder"
+
+    def __init__(self, broken=False):
+        self.broken, self.metrics, self.status = broken, [], None
+
+    def log_metrics(self, metrics, step):
+        if self.broken:
+            raise ConnectionError("server went away\nsecond line")
+        self.metrics.append((step, metrics))
+
+    def close(self, status):
+        self.status = status
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_and_the_others_go_on(capsys):
+    broken, working = Recorder(broken=True), Recorder()
+    with pytest.raises(ValueError):
+        with Tracker([broken, working]) as tracker:
+            tracker.log_metrics({"train/loss": 1.0}, 1)
+            tracker.log_metrics({"train/loss": 0.5}, 2)
+            raise ValueError("training crashed")
+    assert working.metrics == [(1, {"train/loss": 1.0}), (2, {"train/loss": 0.5})] and working.status == FAILED
+    assert broken.status is None and tracker.backends == [working]
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: recorder logging stopped (ConnectionError: server went away); training goes on, checkpoints are "
+        "unaffected"]
 
 
 def wandb_records(run_dir):
