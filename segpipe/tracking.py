@@ -7,8 +7,9 @@ import netrc
 import os
 import re
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -68,11 +69,11 @@ def config_params(config: dict, prefix: str = "") -> dict:
 class Tracker:
     """Rank 0's logging, sent to each backend of train.tracker; without backends (other ranks) it does nothing.
 
-    A backend that fails while logging (a tracking server gone away) is reported once and dropped: the
-    training goes on, and its checkpoints are what matters.
+    A backend that fails while logging (a tracking server gone away) is reported once, marked FAILED if it
+    still can be, and dropped: the training goes on, and its checkpoints are what matters.
     """
 
-    def __init__(self, backends: list = ()):
+    def __init__(self, backends: Sequence = ()):
         self.backends = list(backends)
         self.closed = False
 
@@ -113,6 +114,11 @@ class Tracker:
                 print(f"warning: {backend.name} logging stopped ({type(e).__name__}: {first_line(e)}); training "
                       f"goes on, checkpoints are unaffected", file=sys.stderr)
                 self.backends.remove(backend)
+                if method != "close":
+                    try:
+                        backend.close(FAILED)
+                    except Exception:  # noqa: BLE001 (it is already reported and dropped)
+                        pass
 
 
 def first_line(error: BaseException) -> str:
@@ -261,8 +267,7 @@ class MLflowBackend:
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
-        from mlflow.utils.time import get_current_time_millis
-        now = get_current_time_millis()
+        now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(safe_key(k), float(v), now, step)
                                                     for k, v in metrics.items()])
 

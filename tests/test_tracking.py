@@ -136,7 +136,7 @@ class Recorder:
     name = "recorder"
 
     def __init__(self, broken=False):
-        self.broken, self.metrics, self.status = broken, [], None
+        self.broken, self.metrics, self.status = broken, [], None  # status: how it was closed
 
     def log_metrics(self, metrics, step):
         if self.broken:
@@ -155,7 +155,7 @@ def test_a_tracker_that_fails_mid_run_is_dropped_and_the_others_go_on(capsys):
             tracker.log_metrics({"train/loss": 0.5}, 2)
             raise ValueError("training crashed")
     assert working.metrics == [(1, {"train/loss": 1.0}), (2, {"train/loss": 0.5})] and working.status == FAILED
-    assert broken.status is None and tracker.backends == [working]
+    assert broken.status == FAILED and tracker.backends == [working]
     assert capsys.readouterr().err.splitlines() == [
         "warning: recorder logging stopped (ConnectionError: server went away); training goes on, checkpoints are "
         "unaffected"]
