@@ -19,21 +19,21 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.utils import make_grid
 
 from segpipe import distributed as dist_utils
 from segpipe import tracking
-from segpipe.checkpoint import (FINISHED, FORMAT, CheckpointError, load_checkpoint, load_resume_checkpoint,
-                                mark_finished, restore_training, save_checkpoint, versions)
-from segpipe.compress import is_artefact, model_from_checkpoint
-from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
+from segpipe.checkpoint import (FINISHED, CheckpointError, copy_checkpoint, load_resume_checkpoint, mark_finished,
+                                restore_training, save_checkpoint)
+from segpipe.checkpoint import make_checkpoint as build_checkpoint
 from segpipe.config import Config, ConfigError, check_class_weights, load_config, to_dict
 from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, load_index, worker_message
 from segpipe.discover import apply_discovery, clamp_crop
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
 from segpipe.metrics import ConfusionMatrix
-from segpipe.models import (ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options,
-                            set_bn_momentum)
+from segpipe.model_files import build_initial_model
+from segpipe.models import ModelError, has_batchnorm_pooling, model_options, set_bn_momentum
 from segpipe.outputs import OutputError, describe, prepare_dir
 from segpipe.tracking import Tracker, config_params, open_trackers, require_packages
 from segpipe.transforms import BlurNormalizeBatch, collate_eval, eval_transform, train_transform
@@ -186,24 +186,9 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
 # -- model, loss, optimizer ------------------------------------------------------------------------------------------
 
 def build_network(cfg: Config, num_classes: int, rt: dist_utils.Runtime, log: Callable) -> tuple:
-    """The model on its device (from the registry, or a pruned artefact) and its compression record, if any."""
-    compression = None
+    """The model on its device (from the registry, or a pruned train.init_from) and its compression record, if any."""
     try:
-        if cfg.train.init_from and is_artefact(cfg.train.init_from):  # pruned: its widths are not the registry's
-            if cfg.train.init_from.endswith(INT8_SUFFIX):
-                sys.exit(f"train.init_from={cfg.train.init_from} is an int8 artefact, which cannot be trained; "
-                         f"fine-tune the float or pruned checkpoint it was made from, then quantize again")
-            source = load_checkpoint(cfg.train.init_from)
-            if (source["model_name"], source["num_classes"]) != (cfg.model.name, num_classes):
-                sys.exit(f"train.init_from={cfg.train.init_from} is a {source['model_name']} with "
-                         f"{source['num_classes']} classes, but the config trains a {cfg.model.name} with "
-                         f"{num_classes}; set model.name and data.classes to match it")
-            model = model_from_checkpoint(source)
-            compression = source["compression"]  # kept in this run's checkpoints: their widths are the pruned ones
-        else:
-            model = build_model(cfg.model.name, num_classes, cfg.model.weights, model_options(cfg.model))
-            if cfg.train.init_from:
-                load_pretrained(model, cfg.train.init_from)
+        model, compression = build_initial_model(cfg.model, num_classes, cfg.train.init_from)
     except (ModelError, CheckpointError) as e:
         sys.exit(f"model error: {e}")
     set_bn_momentum(model, cfg.model.bn_momentum)
@@ -478,9 +463,9 @@ def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop:
                 miou, cm = validate(run, state)
             if rt.is_main:
                 save_checkpoint(make_checkpoint(run, state, best_miou, miou), out_dir / "last.pt")
-                if miou > best_miou:
+                if miou > best_miou:  # last.pt already records it as the best: best.pt is that file
                     best_miou = miou
-                    save_checkpoint(make_checkpoint(run, state, best_miou, miou), out_dir / "best.pt")
+                    copy_checkpoint(out_dir / "last.pt", out_dir / "best.pt")
                     save_confusion_matrix(cm, cfg.data.classes, state, miou, out_dir / "best_confusion_matrix")
                 scores = (f"val mIoU {miou:.4f} (best {best_miou:.4f})" if miou >= 0 else
                           f"not validated (train.val_every={cfg.train.val_every})")
@@ -551,7 +536,7 @@ def validation_panel(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tenso
     # visualize.colorize is the one colouring of class maps (ignored pixels black), as in infer.py's pictures.
     truth_rgb, pred_rgb = (pil_to_tensor(colorize(m.cpu().numpy(), palette, ignore_index).convert("RGB"))
                            for m in (truth, pred))
-    return torch.cat([rgb.to(torch.uint8), truth_rgb, pred_rgb], dim=2)
+    return make_grid([rgb.to(torch.uint8), truth_rgb, pred_rgb], nrow=3, padding=0)
 
 
 def finish(cfg: Config, rt: dist_utils.Runtime, best_miou: float, tracker: Tracker, log: Callable) -> None:
@@ -570,18 +555,15 @@ def finish(cfg: Config, rt: dist_utils.Runtime, best_miou: float, tracker: Track
 
 
 def make_checkpoint(run: Run, state: TrainState, best_miou: float, miou: float) -> dict:
-    """Everything needed to resume training, or to predict without the config file."""
+    """This run's checkpoint (segpipe.checkpoint's format): resumable, and enough to predict without the config."""
     cfg = run.cfg
-    ckpt = {"format": FORMAT, "version": 1, "model_name": cfg.model.name, "num_classes": run.data.num_classes,
-            "model_options": model_options(cfg.model),
-            "model": run.model.state_dict(), "classes": list(cfg.data.classes), "palette": run.data.palette,
+    meta = {"model_name": cfg.model.name, "model_options": model_options(cfg.model),
+            "num_classes": run.data.num_classes, "classes": list(cfg.data.classes), "palette": run.data.palette,
             "ignore_index": cfg.data.ignore_index, "mean": cfg.data.mean, "std": cfg.data.std,
-            "eval_size": cfg.data.eval_size, "config": to_dict(cfg), "epoch": state.epoch, "step": state.step,
-            "samples_done": state.samples_done, "world_size": run.rt.world_size,
-            "global_batch": cfg.train.batch_size * run.rt.world_size * cfg.train.accum_steps,
-            "best_miou": max(best_miou, miou), "miou": miou,
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "versions": versions()}
-    if run.compression:  # a pruned model: its widths are not the registry's, so the record must travel along
-        ckpt["compression"] = run.compression
-    return ckpt
+            "eval_size": cfg.data.eval_size, "config": to_dict(cfg)}
+    training = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(), "epoch": state.epoch, "step": state.step,
+                "samples_done": state.samples_done, "world_size": run.rt.world_size,
+                "global_batch": cfg.train.batch_size * run.rt.world_size * cfg.train.accum_steps,
+                "best_miou": max(best_miou, miou), "miou": miou}
+    return build_checkpoint(run.model.state_dict(), meta, training, run.compression)

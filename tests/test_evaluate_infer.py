@@ -1,8 +1,8 @@
 """evaluate.py and infer.py end to end: exact-once multi-process scoring, masks that score what evaluate.py
 reports, and bad inputs answered with a message (no traceback)."""
+import importlib
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -38,10 +38,11 @@ def setup(tmp_path_factory):
 
 
 def run_script(script: str, argv: list[str], cwd: Path, monkeypatch) -> None:
-    """Run an entry script in this process, as `python script argv...` from cwd would."""
+    """Run an entry script's main(argv) in this process, from cwd, as `python script argv...` would."""
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [script] + argv)
-    runpy.run_path(str(REPO / script), run_name="__main__")
+    code = importlib.import_module(Path(script).stem).main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 def fails_with(script: str, argv: list[str], cwd: Path, monkeypatch) -> str:

@@ -1,12 +1,12 @@
 """Hostile files and careless commands: code in artefacts never runs, ground truth is never overwritten, odd but
 genuine files load, and every mistake is one line naming the file or value (no traceback)."""
 import builtins
+import importlib
 import io
 import json
 import logging
 import os
 import pickle
-import runpy
 import shutil
 import subprocess
 import sys
@@ -137,21 +137,21 @@ def test_a_crafted_pt2_never_runs_its_pickle_in_infer_or_evaluate(data, tmp_path
 @pytest.mark.parametrize("where", ["weights", "opaque"])
 def test_pickled_weights_or_opaque_constants_are_refused_even_when_trusted(tmp_path, where):
     from segpipe.checkpoint import CheckpointError
-    from segpipe.compress import load_artefact
+    from segpipe.model_files import load_model
     marker = tmp_path / "marker"
     with pytest.raises(CheckpointError, match="refused"):
-        load_artefact(crafted_pt2(tmp_path / "evil.pt2", marker, where), trust=True)
+        load_model(crafted_pt2(tmp_path / "evil.pt2", marker, where), trust_artefact=True)
     assert not marker.exists()
 
 
 def test_pt2_is_refused_without_trust_and_says_why(tmp_path):
     """Even a pickle-free archive makes torch.export.load evaluate its strings: loading needs trust."""
     from segpipe.checkpoint import CheckpointError
-    from segpipe.compress import load_artefact
+    from segpipe.model_files import load_model
     with pytest.raises(CheckpointError, match="--trust-artefact") as info:
-        load_artefact(crafted_pt2(tmp_path / "plain.pt2", tmp_path / "marker", "none"))
+        load_model(crafted_pt2(tmp_path / "plain.pt2", tmp_path / "marker", "none"))
     assert "run anything" in str(info.value) and "\n" not in str(info.value)
-    model, meta = load_artefact(tmp_path / "plain.pt2", trust=True, compile=False)  # a genuine file still loads
+    model, meta = load_model(tmp_path / "plain.pt2", trust_artefact=True, compile=False)  # a genuine file still loads
     assert meta["num_classes"] == 3 and model(torch.zeros(1, 3, 4, 4)).shape == (1, 3, 4, 4)
 
 
@@ -159,10 +159,11 @@ def test_pt2_is_refused_without_trust_and_says_why(tmp_path):
 
 
 def run_in_process(script: str, argv: list, cwd: Path, monkeypatch) -> None:
-    """An entry script in this process, as `python script argv...` from cwd would run it."""
+    """An entry script's main(argv) in this process, from cwd, as `python script argv...` would run it."""
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
-    runpy.run_path(str(REPO / script), run_name="__main__")
+    code = importlib.import_module(Path(script).stem).main([str(a) for a in argv])
+    if code:
+        raise SystemExit(code)
 
 
 def exit_message(script: str, argv: list, cwd: Path, monkeypatch) -> str:
