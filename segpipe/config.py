@@ -256,8 +256,9 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             choices = fields[key].metadata.get("choices")
             if choices is not None and value not in choices:
                 raise ConfigError(f"{dotted}={value!r}; choose one of {', '.join(choices)}")
-            each_of = fields[key].metadata.get("each_of")
-            unknown = [w for w in ([value] if isinstance(value, str) else value) if w not in each_of] if each_of else []
+            each_of = fields[key].metadata.get("each_of")  # a word or a list of words, each one of these
+            words = [value] if isinstance(value, str) else value
+            unknown = [word for word in words if word not in each_of] if each_of else []
             if unknown:
                 raise ConfigError(f"{dotted}={value!r}: {unknown[0]!r} is not one of {', '.join(each_of)}; give one "
                                   f"of them or a list, e.g. {dotted}=[{each_of[0]},{each_of[1]}]")

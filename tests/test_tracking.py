@@ -179,7 +179,7 @@ def wandb_records(run_dir):
 
 
 def test_wandb_logs_offline_without_a_login(make_dataset, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
@@ -187,6 +187,7 @@ def test_wandb_logs_offline_without_a_login(make_dataset, tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
     root, out = make_dataset(n_train=4, n_valid=2), tmp_path / "wandb_run"
     assert training.train(config(root, out, "train.epochs=1", "train.tracker=wandb")) == 0
+    wandb.teardown()  # W&B's service process may still be writing the run's file; at exit it would be done
     run_id = (out / "wandb_run_id").read_text().strip()
     (run_dir,) = (out / "wandb").glob(f"offline-run-*-{run_id}")
     records = wandb_records(run_dir)
