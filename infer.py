@@ -3,9 +3,11 @@
 For each image writes OUT/NAME_mask.png (the class index of every pixel, as a palette PNG: viewers show the
 class colours, programs read the indices) and OUT/NAME_overlay.jpg (the image blended with the class colours,
 with a legend of the classes present), and prints each class's share of the image and the time taken.
-Files it writes are marked (segpipe.outputs.PREDICTION_TAG): it never replaces a file it did not write, replaces
-its own earlier predictions only with --overwrite, and refuses an --out inside a data folder (NAME_mask.png is
-also the name of the ground truth there).
+Files it writes are marked (segpipe.outputs.PREDICTION_TAG) and written under a temporary name, then renamed: it
+never replaces a file it did not write, refuses an --out inside a data folder (NAME_mask.png is also the name of
+the ground truth there), and a rerun skips the images whose outputs are already there (--overwrite redoes them),
+so a long job that was stopped goes on where it ended. Many processes: `torchrun --nproc_per_node=N infer.py ...`
+predicts each input exactly once over all of them.
 Without --checkpoint it uses the best.pt of the newest finished training run in runs/ (and asks for --checkpoint
 when finished runs predict different classes).
 The predictions are those evaluate.py scores: both go through segpipe.predict.Predictor.
@@ -17,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from segpipe import distributed as dist_utils
 from segpipe.checkpoint import CheckpointError
 from segpipe.data import IMAGE_EXTS, MASK_SUFFIX
 from segpipe.outputs import OutputError, is_prediction, prepare_dir, save_prediction, split_folder_holding
@@ -53,22 +56,33 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """Predict every input image and write its mask and overlay. Returns 0; ends the program with the list of
-    inputs that could not be processed, if any (after writing the others)."""
+    """Predict every input image and write its mask and overlay; under torchrun each process takes its share.
+    Returns 0; ends the program with the list of inputs that could not be processed, if any (after the others)."""
     args = parse_args(argv)
+    rt = dist_utils.setup(args.device, amp="none")  # fp32, as evaluate.py scores
+    log = print if rt.is_main else (lambda *a, **k: None)
     out_dir = prepare_output(args.out)
-    predictor, checkpoint = open_model(args)
-    files, errors = collect_images(args.inputs)
+    predictor, checkpoint = open_model(args, rt.device, log)
+    files, unmatched = collect_images(args.inputs)
+    errors = unmatched if rt.is_main else []  # every rank finds them; rank 0 reports them
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     stems = output_stems(files)
-    check_targets(out_dir, stems, args.overwrite)
-    print(f"{len(files)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
-          f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(predictor.scales) > 1 or args.tta else ''})")
-    written = predict_all(predictor, files, stems, out_dir, args, errors)
-    print(f"wrote {written} mask(s) and overlay(s) to {out_dir}/")
+    todo = unfinished(out_dir, stems, args.overwrite)
+    log(f"{len(files)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
+        f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(predictor.scales) > 1 or args.tta else ''}"
+        f"{f', {rt.world_size} processes' if rt.world_size > 1 else ''})"
+        + (f"; {len(files) - len(todo)} already predicted, skipped (--overwrite redoes them)"
+           if len(todo) < len(files) else ""))
+    mine = [todo[i] for i in dist_utils.ShardSampler(len(todo), rt.rank, rt.world_size)]  # every input once
+    written = predict_all(predictor, files, stems, mine, out_dir, args, errors)
+    written, failed = dist_utils.all_reduce_sum([written, len(errors)], rt.device)
+    log(f"wrote {int(written)} mask(s) and overlay(s) to {out_dir}/")
+    dist_utils.cleanup()
     if errors:
         sys.exit(f"{len(errors)} input(s) could not be processed:\n  " + "\n  ".join(errors))
+    if failed:
+        sys.exit(f"{int(failed)} input(s) could not be processed (another process named them above)")
     return 0
 
 
@@ -93,15 +107,15 @@ def prepare_output(out: str) -> Path:
         sys.exit(f"error: {e}")
 
 
-def open_model(args: argparse.Namespace) -> tuple[Predictor, Path]:
-    """The Predictor of --checkpoint (or of the newest finished run), and that file's path."""
+def open_model(args: argparse.Namespace, device, log) -> tuple[Predictor, Path]:
+    """The Predictor of --checkpoint (or of the newest finished run) on device, and that file's path."""
     try:
-        predictor, checkpoint, picked = open_predictor(args.checkpoint, args.device, args.tta, args.scales,
+        predictor, checkpoint, picked = open_predictor(args.checkpoint, device, args.tta, args.scales,
                                                        args.window, args.batch_size, args.trust_artefact)
     except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
-        print(f"using {checkpoint}, from the newest finished run (--checkpoint chooses another)")
+        log(f"using {checkpoint}, from the newest finished run (--checkpoint chooses another)")
     return predictor, checkpoint
 
 
@@ -138,29 +152,29 @@ def output_stems(files: list[Path]) -> list[str]:
     return stems
 
 
-def check_targets(out_dir: Path, stems: list[str], overwrite: bool) -> None:
-    """Exit before any work if an output would replace a file infer.py did not write, or (without
-    --overwrite) an earlier prediction."""
-    existing = [p for stem in stems for p in (out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.jpg")
-                if p.exists()]
-    foreign = [p for p in existing if not is_prediction(p)]
+def unfinished(out_dir: Path, stems: list[str], overwrite: bool) -> list[int]:
+    """The positions of the inputs still to predict: all with --overwrite, else those without both outputs.
+
+    Outputs are written under a temporary name and renamed, so one that exists is complete: a rerun after a
+    stop or preemption goes on where the last one ended. Exits before any work if an output name holds a file
+    infer.py did not write (it is never replaced)."""
+    outputs = [(out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.jpg") for stem in stems]
+    foreign = [p for pair in outputs for p in pair if p.exists() and not is_prediction(p)]
     if foreign:
         sys.exit(f"error: {foreign[0]} exists and was not written by infer.py ({len(foreign)} such file(s)); "
                  f"it is never replaced: choose another --out")
-    if existing and not overwrite:
-        sys.exit(f"error: {out_dir} already holds predictions for these images (e.g. {existing[0].name}); "
-                 f"pass --overwrite to replace them, or choose another --out")
+    return [i for i, pair in enumerate(outputs) if overwrite or not all(p.exists() for p in pair)]
 
 
-def predict_all(predictor: Predictor, files: list[Path], stems: list[str], out_dir: Path,
+def predict_all(predictor: Predictor, files: list[Path], stems: list[str], positions: list[int], out_dir: Path,
                 args: argparse.Namespace, errors: list[str]) -> int:
-    """Decode in loader workers, predict in batches, write each mask and overlay; returns how many were written.
-    Inputs that cannot be decoded are added to errors."""
+    """Decode files[positions] in loader workers, predict in batches, write each mask and overlay; returns how many
+    were written. Inputs that cannot be decoded are added to errors."""
     palette, classes = predictor.palette, predictor.classes
-    workers = args.workers if len(files) >= 2 * args.batch_size else 0  # starting workers costs more than it saves
-    loader = DataLoader(ImageFiles(files), args.batch_size, num_workers=workers, collate_fn=list)
+    workers = args.workers if len(positions) >= 2 * args.batch_size else 0  # starting workers costs more than it saves
+    loader = DataLoader(Subset(ImageFiles(files), positions), args.batch_size, num_workers=workers, collate_fn=list)
     written = 0
-    bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=True if len(files) < 2 else None)  # tty only
+    bar = tqdm(total=len(positions), unit="image", file=sys.stderr, disable=True if len(positions) < 2 else None)
     for batch in loader:
         bar.update(len(batch))
         for _, _, error in batch:

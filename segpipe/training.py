@@ -67,6 +67,7 @@ def train(cfg: Config) -> int:
         if data is not None:
             dist_utils.stop_loader_workers(data.train_loader, data.valid_loader)
         dist_utils.cleanup()
+        stop.restore()
 
 
 # -- configuration and processes -------------------------------------------------------------------------------
@@ -412,8 +413,12 @@ class StopSignal:
 
     def __init__(self):
         self.signum = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.handle)
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """Give the signals back to their earlier handlers (train() may run inside a longer program)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def handle(self, signum, frame) -> None:
         self.signum = signum

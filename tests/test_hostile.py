@@ -194,24 +194,34 @@ def test_infer_refuses_an_out_below_a_data_split(data, tmp_path, monkeypatch):
     assert "inside the data folder" in message and not (root / "valid" / "preds").exists()
 
 
-def test_infer_replaces_only_its_own_predictions_and_only_with_overwrite(data, tmp_path, monkeypatch):
+def test_infer_skips_finished_predictions_redoes_them_with_overwrite_and_never_replaces_foreign_files(
+        data, tmp_path, monkeypatch, capsys):
     root, ckpt = data
     out = tmp_path / "out"
     images = [root / "valid" / "img000.jpg", root / "valid" / "img001.jpg"]
     run_in_process("infer.py", [*images, "--checkpoint", ckpt, "--out", out, "--workers", 0], tmp_path, monkeypatch)
     first = snapshot(out)
     assert sorted(first) == ["img000_mask.png", "img000_overlay.jpg", "img001_mask.png", "img001_overlay.jpg"]
-    message = exit_message("infer.py", [*images, "--checkpoint", ckpt, "--out", out], tmp_path, monkeypatch)
-    assert "--overwrite" in message and snapshot(out) == first
+    # A rerun (after a stop) predicts only what is missing: here one overlay, so image 1 alone.
+    (out / "img001_overlay.jpg").unlink()
+    os.utime(out / "img000_mask.png", (1, 1))
+    capsys.readouterr()
+    run_in_process("infer.py", [*images, "--checkpoint", ckpt, "--out", out], tmp_path, monkeypatch)
+    printed = capsys.readouterr().out
+    assert "1 already predicted, skipped" in printed and "wrote 1 mask(s)" in printed
+    assert snapshot(out) == first and os.stat(out / "img000_mask.png").st_mtime == 1  # image 0 untouched
     run_in_process("infer.py", [*images, "--checkpoint", ckpt, "--out", out, "--overwrite", "--workers", 0],
                    tmp_path, monkeypatch)
+    assert "wrote 2 mask(s)" in capsys.readouterr().out and os.stat(out / "img000_mask.png").st_mtime > 1
+    assert not list(out.glob(".*.tmp"))  # outputs are renamed into place, no temporary file is left
     # A file of the user's under an output name is never replaced, --overwrite or not.
     Image.fromarray(np.zeros(SIZE, np.uint8)).save(out / "img001_mask.png")
     users = (out / "img001_mask.png").read_bytes()
-    message = exit_message("infer.py", [*images, "--checkpoint", ckpt, "--out", out, "--overwrite"],
-                           tmp_path, monkeypatch)
-    assert "img001_mask.png" in message and "not written by infer.py" in message
-    assert (out / "img001_mask.png").read_bytes() == users
+    for flags in ([], ["--overwrite"]):
+        message = exit_message("infer.py", [*images, "--checkpoint", ckpt, "--out", out, *flags],
+                               tmp_path, monkeypatch)
+        assert "img001_mask.png" in message and "not written by infer.py" in message
+        assert (out / "img001_mask.png").read_bytes() == users
 
 
 # -- 3. upper-case extensions, 9. non-UTF-8 names, 10. 16-bit images, 11. EXIF orientation --------------------------

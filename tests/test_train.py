@@ -1,4 +1,7 @@
-"""train.py and the training loop, with real processes (subprocess, torchrun, torch.multiprocessing + gloo)."""
+"""train.py and the training loop: main(argv) in-process, real processes where they are the point (torchrun, signals,
+spawned workers, torch.multiprocessing + gloo)."""
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import train as train_script
 from conftest import REPO, run_env
 from segpipe.checkpoint import load_checkpoint, save_checkpoint
 from segpipe.distributed import Runtime, ShardSampler, resolve_amp, resolve_augment_on
@@ -35,8 +39,22 @@ def train_command(root, out, *extra, torchrun=0, port=None, launcher_args=()) ->
 
 
 def train(root, out, *extra, timeout=240, torchrun=0, port=None, env=None):
+    """A tiny training run: train.py's main(argv) in this process, or a real process under torchrun or with env."""
     cmd = train_command(root, out, *extra, torchrun=torchrun, port=port)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or run_env(), cwd=REPO)
+    if torchrun or env:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or run_env(), cwd=REPO)
+    return run_main(train_script.main, cmd[2:])
+
+
+def run_main(main, argv: list) -> subprocess.CompletedProcess:
+    """main(argv) in this process, with what it prints and its exit status, as a process would report them."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # sys.exit("message"): the message goes to stderr, status 1
+            code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr) or 1)
+    return subprocess.CompletedProcess(argv, code or 0, stdout.getvalue(), stderr.getvalue())
 
 
 def test_single_process_run_writes_checkpoints_and_logs(make_dataset, tmp_path):
