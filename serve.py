@@ -88,7 +88,10 @@ def run(args: argparse.Namespace, options, predictor) -> None:
     with tempfile.TemporaryDirectory(prefix="segpipe-metrics-") as metrics_dir:
         if own_dir:  # /metrics then adds up all workers' values (segpipe.service_metrics)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        uvicorn.run("segpipe.service:app_from_environment", factory=True, workers=args.workers, **common)
+        # uvicorn restarts a worker that does not answer its ping within timeout_worker_healthcheck (default 5 s):
+        # importing torch on a busy machine can take longer than that, which would restart workers forever.
+        uvicorn.run("segpipe.service:app_from_environment", factory=True, workers=args.workers,
+                    timeout_worker_healthcheck=60, **common)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,8 +69,8 @@ class Server:
                  "--device", "cpu", *options], stdout=out, stderr=subprocess.STDOUT, env=run_env(), cwd=REPO)
 
     def ready(self) -> "Server":
-        """Wait until /readyz answers 200."""
-        deadline = time.monotonic() + 120
+        """Wait until /readyz answers 200 (a generous bound: four processes import torch at once)."""
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"serve.py exited with {self.proc.returncode}:\n{self.log.read_text()}")
@@ -80,7 +80,7 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.2)
-        pytest.fail(f"serve.py not ready after 120 s:\n{self.log.read_text()}")
+        pytest.fail(f"serve.py not ready after 300 s:\n{self.log.read_text()}")
 
     def metrics(self) -> dict:
         """{(name, sorted label items): value} of every sample on /metrics."""
@@ -127,6 +127,7 @@ def started(checkpoint, tmp_path_factory):
                          "--max-wait-ms", "4000", "--timeout-s", "1"),
         # queued requests wait 3 s for company: time to send SIGTERM while they wait
         "term": Server(checkpoint, folder / "serve-term.log", "--max-batch", "4", "--max-wait-ms", "3000"),
+        "workers": Server(checkpoint, folder / "serve-workers.log", "--workers", "2"),
     }
     yield {"infer": infer, "inputs": [turned, grey16], "out": folder / "out", **servers}
     for process in [infer] + [s.proc for s in servers.values()]:
@@ -319,6 +320,21 @@ def test_sigterm_finishes_queued_requests_refuses_new_ones_and_exits_0(started):
     assert [status for status, _, _ in answers] == [200, 200]
     assert all(decode_mask(body)[0].shape == (H, W) for _, _, body in answers)
     assert refused_while_queued
+    assert server.proc.wait(timeout=60) == 0, server.log.read_text()
+
+
+def test_two_workers_serve_and_metrics_add_up_over_both(started):
+    """--workers 2: two processes share the port, each with its model; /metrics, answered by either, counts all."""
+    server = started["workers"].ready()
+    files = [jpeg(image) for image in random_images(8, seed=8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda data: client.predict(server.port, data), files))
+    assert [status for status, _, _ in answers] == [200] * 8
+    for _ in range(4):  # whichever worker answers
+        metrics = server.metrics()
+        assert metrics[("segpipe_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 8
+        assert metrics[("segpipe_batch_size_sum", ())] == 8
+    server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=60) == 0, server.log.read_text()
 
 
