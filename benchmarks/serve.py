@@ -37,7 +37,7 @@ from segpipe.checkpoint import FORMAT, save_checkpoint  # noqa: E402
 from segpipe.data import read_image  # noqa: E402
 from segpipe.models import build_model  # noqa: E402
 from segpipe.predict import Predictor  # noqa: E402
-from segpipe.service import mask_png  # noqa: E402
+from segpipe.service_io import mask_png  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL, NUM_CLASSES, HEIGHT, WIDTH = "lraspp_mobilenet_v3_large", 11, 360, 480

@@ -11,8 +11,9 @@
     GET /metadata  model name, classes, palette, ignore_index, eval size, mean/std, batching settings
     GET /metrics   Prometheus text format (segpipe.service_metrics)
 Errors are JSON {"detail": "..."}: 400 (empty upload, not an image, decompression bomb, malformed form),
-413 (request body over max_upload_mb), 503 with Retry-After (queue full, not ready yet, shutting down),
-504 (no result within timeout_s of the image being decoded).
+413 (request body over max_upload_mb), 503 with Retry-After (queue full, shutting down, model failed to load or
+still loading after timeout_s: a request reaching a worker that warms up waits for it), 504 (no result within
+timeout_s of the image being decoded).
 Images decode as in training and infer.py (segpipe.data.read_image: EXIF orientation, 16-bit and palette modes),
 so a posted image gets the mask infer.py writes for the same file, pixel for pixel, when it is predicted alone;
 in a batch, batched convolutions round differently and can flip a few pixels at class boundaries, as infer.py's
@@ -22,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
-import logging
 import os
 import time
 import warnings
@@ -38,17 +37,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
-from segpipe.data import DataError, read_image
 from segpipe.predict import Predictor, class_shares, open_predictor
 from segpipe.service_batcher import Batcher, Closed, QueueFull
+from segpipe.service_io import decode_upload, log, mask_png, read_upload
 from segpipe.service_metrics import Metrics, RequestMetrics
-from segpipe.visualize import colorize
 
 OPTIONS_ENV = "SEGPIPE_SERVE_OPTIONS"  # how serve.py hands the options to uvicorn's worker processes
-FORM_SLACK = 64 * 1024  # multipart boundaries and part headers on top of the image itself
-log = logging.getLogger("uvicorn.error")  # formatted and shown like uvicorn's own messages
 
 
 @dataclass
@@ -65,20 +60,16 @@ class ServiceOptions:
     max_megapixels: float = 50.0
 
 
-class UploadTooLarge(Exception):
-    """The request body passed the upload limit while it was being read."""
-
-
 class Service:
     """The model, its batcher and metrics, and the request handlers."""
 
     def __init__(self, options: ServiceOptions, predictor: Optional[Predictor] = None):
         self.options, self.predictor = options, predictor
         self.state = "loading the model"
+        self.started = asyncio.Event()  # set when loading and warm-up end, well or not
         self.metrics = Metrics(options.max_batch)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="segpipe-model")  # one forward pass at a time
         self.batcher: Optional[Batcher] = None
-        self.upload_limit = int(options.max_upload_mb * 2 ** 20)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -102,14 +93,15 @@ class Service:
                 self.predictor = await loop.run_in_executor(self.executor, self._load)
             self.state = "warming up"
             await loop.run_in_executor(self.executor, self._warm_up)
+            self.state = "ready"
+            log.info("segpipe: %s ready on %s after %.1f s (%s, %d classes)", self.options.checkpoint,
+                     self.predictor.device, time.perf_counter() - tic, self.predictor.meta["model_name"],
+                     self.predictor.num_classes)
         except Exception as e:  # noqa: BLE001 - a worker that cannot load says why on /healthz and in the log
             self.state = f"failed: {e}"
             log.error("segpipe: cannot serve %s: %s", self.options.checkpoint, e)
-            return
-        self.state = "ready"
-        log.info("segpipe: %s ready on %s after %.1f s (%s, %d classes)", self.options.checkpoint,
-                 self.predictor.device, time.perf_counter() - tic, self.predictor.meta["model_name"],
-                 self.predictor.num_classes)
+        finally:
+            self.started.set()
 
     def _load(self) -> Predictor:
         return open_predictor(self.options.checkpoint, self.options.device, batch_size=self.options.max_batch,
@@ -131,12 +123,25 @@ class Service:
     def _predict_batch(self, images: list[Image.Image]) -> list[torch.Tensor]:
         return self.predictor.predict_batch(images)
 
+    async def _wait_until_ready(self) -> None:
+        """Hold a request that reached a worker still warming up (another may be serving on the same port);
+        503 once --timeout-s passes, or at once if the model failed to load."""
+        try:
+            await asyncio.wait_for(self.started.wait(), self.options.timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        if self.state != "ready":
+            raise unavailable(f"the service is {self.state}")
+
     # -- endpoints ---------------------------------------------------------------------------------------------
     async def predict(self, request: Request, format: Literal["png", "json"] = "png") -> Response:
         """The class-index PNG of the uploaded image, or with ?format=json its class shares and the PNG in base64."""
-        if self.state != "ready":
-            raise unavailable(f"the service is {self.state}")
-        data, name = await self._read_upload(request)
+        await self._wait_until_ready()
+        try:
+            self.batcher.check_room()  # before reading and decoding an upload that would be refused anyway
+        except (QueueFull, Closed) as e:
+            raise unavailable(str(e)) from None
+        data, name = await read_upload(request, self.options.max_upload_mb)
         image = await run_in_threadpool(decode_upload, data, name)
         try:
             future = self.batcher.submit(self._batch_key(image), image)
@@ -153,32 +158,6 @@ class Service:
         return JSONResponse({"width": image.width, "height": image.height, "classes": self.predictor.classes,
                              "shares": class_shares(pred, self.predictor.num_classes),
                              "mask_png": base64.b64encode(png).decode("ascii")})
-
-    async def _read_upload(self, request: Request) -> tuple[bytes, str]:
-        """The bytes and file name of the form's "file" field; 413 as soon as the body passes the limit."""
-        limit = self.upload_limit + FORM_SLACK
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large(self.options.max_upload_mb)
-        counted = Request(request.scope, limited(request.receive, limit))
-        try:
-            form = await counted.form(max_files=1, max_fields=8)
-        except UploadTooLarge:
-            raise too_large(self.options.max_upload_mb) from None
-        try:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(400, 'no file in the form field "file"; send the image as multipart form data, '
-                                         'e.g. curl -F file=@image.jpg http://HOST:PORT/predict')
-            data = await upload.read()
-        finally:
-            await form.close()
-        name = f"upload {(upload.filename or 'file')[:200]!r}"
-        if len(data) > self.upload_limit:
-            raise too_large(self.options.max_upload_mb)
-        if not data:
-            raise HTTPException(400, f"{name} is empty (0 bytes); send an image file")
-        return data, name
 
     async def healthz(self) -> JSONResponse:
         """200 while the process serves; 503 when its model failed to load (restart it)."""
@@ -240,65 +219,6 @@ def options_to_environment(options: ServiceOptions) -> None:
     os.environ[OPTIONS_ENV] = json.dumps(asdict(options))
 
 
-def limited(receive, limit: int):
-    """An ASGI receive that raises UploadTooLarge once more than limit body bytes have arrived."""
-    seen = 0
-
-    async def receive_counted():
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise UploadTooLarge
-        return message
-    return receive_counted
-
-
-class NamedUpload(io.BytesIO):
-    """Uploaded bytes that Pillow's and read_image's messages name as the client's file, not a memory address."""
-
-    def __init__(self, data: bytes, name: str):
-        super().__init__(data)
-        self.label = name
-
-    def __str__(self) -> str:
-        return self.label
-
-    __repr__ = __str__
-
-
-def decode_upload(data: bytes, name: str) -> Image.Image:
-    """The uploaded image as infer.py decodes a file (segpipe.data.read_image); HTTPException 400 if it is none."""
-    try:
-        return read_image(NamedUpload(data, name))[0]
-    except DataError as e:
-        # read_image's message advises on a data folder; a client needs Pillow's reason (kept as the context).
-        cause = e.__context__ or e
-    except Image.DecompressionBombWarning as e:  # an error here: create_app's warnings filter
-        cause = e
-    except Exception as e:  # noqa: BLE001 - Pillow's decoders can fail in other ways on crafted files
-        log.warning("segpipe: %s: unexpected decoder error %s: %s", name, type(e).__name__, e)
-        cause = e
-    if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        raise HTTPException(400, f"{name}: {str(cause).rstrip('.')}; send a smaller image")
-    raise HTTPException(400, f"{name}: cannot decode the image ({cause}); send an image file such as a JPEG or PNG")
-
-
-def mask_png(pred: torch.Tensor, palette: list, num_classes: int) -> bytes:
-    """The class map as infer.py's NAME_mask.png: a palette PNG whose pixel values are the class indices."""
-    labels = pred.numpy().astype("uint8" if num_classes <= 256 else "int32")
-    buffer = io.BytesIO()
-    colorize(labels, palette).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def unavailable(reason: str) -> HTTPException:
     """503 with Retry-After: the client may try again in a second."""
     return HTTPException(503, f"{reason}; retry later", headers={"Retry-After": "1"})
-
-
-def too_large(max_mb: float) -> HTTPException:
-    """413 for a body over the upload limit; the connection closes rather than read the rest of the body."""
-    return HTTPException(413, f"the upload is larger than {max_mb:g} MB (--max-upload-mb); send a smaller image",
-                         headers={"Connection": "close"})

@@ -47,13 +47,17 @@ class Batcher:
         """Start the batching loop on the running event loop."""
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
-    def submit(self, key: Hashable, item: Any) -> asyncio.Future:
-        """Queue item; the future gets its result. Raises QueueFull or Closed instead of waiting."""
+    def check_room(self) -> None:
+        """Raise QueueFull or Closed if a job submitted now would be refused."""
         if self.closed:
             raise Closed("the service is shutting down")
         self._drop_cancelled()
         if len(self.pending) >= self.max_queue:
             raise QueueFull(f"{len(self.pending)} requests are already waiting (--max-queue {self.max_queue})")
+
+    def submit(self, key: Hashable, item: Any) -> asyncio.Future:
+        """Queue item; the future gets its result. Raises QueueFull or Closed instead of waiting."""
+        self.check_room()
         loop = asyncio.get_running_loop()
         job = Job(key, item, loop.create_future(), loop.time())
         self.pending.append(job)

@@ -66,15 +66,23 @@ class RequestMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500  # 500 unless a response starts: the app failed
+        start, status, counted = time.perf_counter(), 500, False  # 500 unless a response starts: the app failed
 
-        async def send_and_note(message):
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.metrics.observe_request(scope["path"], status, time.perf_counter() - start)
+
+        async def send_and_count(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count()  # before the last byte goes out: a client that has its answer sees it counted
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive, send_and_count)
         finally:
-            self.metrics.observe_request(scope["path"], status, time.perf_counter() - start)
+            count()
