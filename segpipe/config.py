@@ -80,10 +80,17 @@ class DataConfig:
     synthetic: bool = False  # generate the built-in synthetic street scenes at data.root if missing
 
 
+WHOLE_MODEL_WEIGHTS = allowed(lambda v: v != "imagenet", "none, coco, a torchvision weights name or a file: ImageNet "
+                                                       "weights are for the backbone, model.weights_backbone=imagenet")
+
+
 @dataclass
 class ModelConfig:
     name: str = "deeplabv3_resnet50"
-    weights: str = "none"  # none | imagenet | coco | path/to/weights.pth
+    # The whole model's weights: none | coco | another name of torchvision's weights enum for the model (DEFAULT,
+    # ...) | path/to/file.pth (a state dict or segpipe checkpoint; the tensors that fit are loaded).
+    weights: str = field(default="none", metadata=WHOLE_MODEL_WEIGHTS)
+    weights_backbone: str = "none"  # the backbone's: none | imagenet | path/to/file.pth (torchvision's ImageNet file)
     aux_weight: float = 0.5  # weight of the auxiliary head's loss, where the model has one
     sync_bn: bool = True  # only applies on CUDA with world size > 1
     channels_last: bool = True

@@ -182,9 +182,18 @@ def cleanup() -> None:
 
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     """Element-wise maximum over all ranks (used for stop flags every rank must agree on)."""
+    return _all_reduce(values, device, dist.ReduceOp.MAX)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over all ranks (counts of work done by each)."""
+    return _all_reduce(values, device, dist.ReduceOp.SUM)
+
+
+def _all_reduce(values: list[float], device: torch.device, op) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 

@@ -33,6 +33,7 @@ from segpipe.transforms import BlurNormalizeBatch
 from test_train import NoBatchNormNet, train, train_command
 
 import train as train_script
+from segpipe import training
 
 # 8 images, batch 2 on each of 2 ranks: 2 optimizer steps per epoch; workers as a cluster job has them.
 RUN = ["train.epochs=3", "data.num_workers=1", "train.save_every=1"]
@@ -274,7 +275,7 @@ def test_device_blur_keeps_its_constants_on_the_device():
 def resume_on_two_ranks(rank: int, world: int, port: int, folders: list, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = load_config(None, [f"output_dir={folders[rank]}", "train.resume=auto"])
-    found = train_script.resume_checkpoint(cfg, Runtime(rank, rank, world, torch.device("cpu"), None, False))
+    found = training.resume_checkpoint(cfg, Runtime(rank, rank, world, torch.device("cpu"), None, False))
     results.put((rank, None if found is None else (found[0], found[1]["step"])))
     dist.destroy_process_group()
 
@@ -325,7 +326,7 @@ def test_process_group_timeout_comes_from_the_config(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **k: seen.update(k, backend=backend))
     cfg = load_config(None, ["train.dist_timeout_s=1800"])
-    train_script.setup_runtime(cfg)
+    training.setup_runtime(cfg)
     assert seen["timeout"] == datetime.timedelta(seconds=1800) and seen["backend"] == "gloo"
 
 
@@ -339,7 +340,7 @@ def test_resume_loads_the_checkpoint_on_the_cpu_for_a_gpu_run(tmp_path, monkeypa
                         lambda path, map_location="cpu": (seen.append(map_location), real(path, map_location))[1])
     cfg = load_config(None, [f"output_dir={tmp_path}", "train.resume=auto"])
     gpu = Runtime(0, 0, 1, torch.device("cuda", 0), torch.bfloat16, False)
-    path, ckpt = train_script.resume_checkpoint(cfg, gpu)
+    path, ckpt = training.resume_checkpoint(cfg, gpu)
     assert seen == ["cpu"] and ckpt["step"] == 3
 
 
@@ -349,7 +350,7 @@ def test_resume_after_a_precision_change(saved_enabled, now_enabled):
     saved = torch.amp.GradScaler("cpu", enabled=saved_enabled).state_dict()
     scaler = torch.amp.GradScaler("cpu", enabled=now_enabled)
     notes = []
-    train_script.restore_scaler(scaler, saved, notes.append)
+    training.restore_scaler(scaler, saved, notes.append)
     assert len(notes) == 1 and "precision" in notes[0]
     assert scaler.is_enabled() == now_enabled
 

@@ -1,4 +1,7 @@
-"""train.py and the training loop, with real processes (subprocess, torchrun, torch.multiprocessing + gloo)."""
+"""train.py and the training loop: main(argv) in-process, real processes where they are the point (torchrun, signals,
+spawned workers, torch.multiprocessing + gloo)."""
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import train as train_script
 from conftest import REPO, run_env
 from segpipe.checkpoint import load_checkpoint, save_checkpoint
 from segpipe.distributed import Runtime, ShardSampler, resolve_amp, resolve_augment_on
@@ -35,8 +39,22 @@ def train_command(root, out, *extra, torchrun=0, port=None, launcher_args=()) ->
 
 
 def train(root, out, *extra, timeout=240, torchrun=0, port=None, env=None):
+    """A tiny training run: train.py's main(argv) in this process, or a real process under torchrun or with env."""
     cmd = train_command(root, out, *extra, torchrun=torchrun, port=port)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or run_env(), cwd=REPO)
+    if torchrun or env:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or run_env(), cwd=REPO)
+    return run_main(train_script.main, cmd[2:])
+
+
+def run_main(main, argv: list) -> subprocess.CompletedProcess:
+    """main(argv) in this process, with what it prints and its exit status, as a process would report them."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # sys.exit("message"): the message goes to stderr, status 1
+            code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr) or 1)
+    return subprocess.CompletedProcess(argv, code or 0, stdout.getvalue(), stderr.getvalue())
 
 
 def test_single_process_run_writes_checkpoints_and_logs(make_dataset, tmp_path):
@@ -320,12 +338,12 @@ def test_scripts_run_with_spawned_loader_workers(make_dataset, tmp_path):
 
 
 def test_validation_panel_colours_classes_as_visualize_does_and_ignored_pixels_black():
-    import train as train_script
+    from segpipe import training
     palette = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
     truth = torch.tensor([[0, 1], [2, 11]])  # 11: the ignore index
     pred = torch.tensor([[2, 1], [0, 0]])
     image = torch.zeros(3, 4, 4)  # the mean colour after normalisation
-    panel = train_script.validation_panel(image, truth, pred, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], palette, 11)
+    panel = training.validation_panel(image, truth, pred, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], palette, 11)
     assert panel.dtype == torch.uint8 and panel.shape == (3, 2, 6)
     colours = torch.tensor(palette + [[0, 0, 0]], dtype=torch.uint8)
     assert torch.equal(panel[:, :, 2:4], colours[torch.tensor([[0, 1], [2, 3]])].permute(2, 0, 1))
