@@ -1,18 +1,20 @@
-"""Load test of serve.py on 127.0.0.1: requests/s and latency percentiles with batching on and off, and offline prediction.
+"""Load test of serve.py on 127.0.0.1: requests/s and latency percentiles, batching on and off, and offline speed.
 
-    nice python benchmarks/serve.py [--requests 48] [--concurrency 1 4 16] [--threads 1] [--data-root DIR]
+    nice python benchmarks/serve.py [--requests 96] [--concurrency 1 4 16] [--threads 1] [--data-root DIR]
 
 The model is a randomly initialised LR-ASPP MobileNetV3-large with 11 classes (CamVid's), written as a train.py
 checkpoint to a temporary folder: speed does not depend on the weights. The images are the first --images CamVid
-valid images (480x360 JPEGs) when --data-root (default ../shared/data/camvid) exists, else random 480x360 JPEGs. For --max-batch 8 (batching on)
-and 1 (off), one serve.py process (one worker, --max-wait-ms 10, --threads torch threads) is started; for each
-concurrency C, C client threads send --requests POSTs in all, each on its own connection, cycling through the
-images. Latency runs from sending a request to having read the whole answer (the mask PNG). "images/forward" is
-the mean batch size the service recorded in /metrics. The "offline" row is infer.py's work without HTTP or
-files: segpipe.data.read_image, Predictor.predict_batch at infer.py's default --batch-size 4, and the mask PNG.
-The clients share the machine's cores with the service, as they would on one host. --threads is 1 by default:
-on a machine shared with other work, torch's threads (one per core) spend most of their time waiting for each
-other (measured here at load 13 on 2 cores: a forward pass 0.3 s on one thread, 1.1-2.2 s on two).
+valid images (480x360 JPEGs) when --data-root (default ../shared/data/camvid) exists, else random 480x360 JPEGs.
+For --max-batch 8 (batching on) and 1 (off), one serve.py process each (one worker, --max-wait-ms 10, --threads
+torch threads) is started; for each concurrency C, C client threads send --requests POSTs in all, each on its own
+connection, cycling through the images. The rows are measured in --rounds interleaved rounds (each round sends every
+row a share of its requests and predicts every image offline once), so a change of load on a shared machine
+affects every row alike. Latency runs from sending a request to having read the whole answer (the mask PNG).
+"images/forward" is the mean batch size the service recorded in /metrics. The "offline" row is infer.py's work
+without HTTP or files: segpipe.data.read_image, Predictor.predict_batch at infer.py's default --batch-size 4, and
+the mask PNG. The clients share the machine's cores with the service, as they would on one host.
+--threads is 1 by default: on a machine shared with other work, torch's threads (one per core) spend much of
+their time waiting for each other, and the rows would measure the neighbours; --threads 0 gives torch's default.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.hardware import describe  # noqa: E402
 from segpipe import service_client  # noqa: E402
-from segpipe.checkpoint import FORMAT, save_checkpoint  # noqa: E402
+from segpipe.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
 from segpipe.data import read_image  # noqa: E402
 from segpipe.models import build_model  # noqa: E402
 from segpipe.predict import Predictor  # noqa: E402
@@ -48,23 +50,25 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "camvid"))
     parser.add_argument("--images", type=int, default=16, help="distinct images the requests cycle through")
-    parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-batch", type=int, nargs="+", default=[8, 1], help="serve.py --max-batch per run")
+    parser.add_argument("--rounds", type=int, default=2, help="the requests of a row are sent in this many rounds, "
+                                                               "interleaved with the other rows'")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the service and of the offline "
                                                                 "row (0: torch's default, one per core)")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=8765, help="the first service's port; the next ones follow")
     return parser.parse_args()
 
 
 def write_checkpoint(path: Path) -> Path:
-    """A random-init checkpoint as train.py writes it (the fields Predictor reads)."""
+    """A random-init checkpoint as train.py writes it."""
     torch.manual_seed(0)
     model = build_model(MODEL, NUM_CLASSES)
-    save_checkpoint({"format": FORMAT, "version": 1, "model_name": MODEL, "num_classes": NUM_CLASSES,
-                     "model": model.state_dict(), "classes": [f"class_{i}" for i in range(NUM_CLASSES)],
-                     "ignore_index": NUM_CLASSES, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                     "eval_size": None, "config": {}}, path)
+    save_checkpoint(make_checkpoint(model.state_dict(), {
+        "model_name": MODEL, "model_options": {}, "num_classes": NUM_CLASSES, "palette": None,
+        "classes": [f"class_{i}" for i in range(NUM_CLASSES)], "ignore_index": NUM_CLASSES,
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "eval_size": None, "config": {}}), path)
     return path
 
 
@@ -147,17 +151,27 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def offline_rate(checkpoint: Path, files: list[Path], rounds: int = 3) -> float:
-    """Images/s of infer.py's steps in one process: decode, predict_batch at batch size 4, mask PNG."""
-    predictor = Predictor.from_file(checkpoint, "cpu", batch_size=4)
-    predictor.predict_batch([read_image(str(files[0]))[0]])  # warm-up
-    tic = time.perf_counter()
-    for _ in range(rounds):
-        for start in range(0, len(files), 4):
-            images = [read_image(str(path))[0] for path in files[start:start + 4]]
-            for pred in predictor.predict_batch(images):
-                mask_png(pred, predictor.palette, predictor.num_classes)
-    return rounds * len(files) / (time.perf_counter() - tic)
+class Offline:
+    """infer.py's steps in this process: decode, predict_batch at batch size 4, mask PNG."""
+
+    def __init__(self, checkpoint: Path, files: list[Path]):
+        self.predictor, self.files = Predictor.from_file(checkpoint, "cpu", batch_size=4), files
+        self.predictor.predict_batch([read_image(str(files[0]))[0]])  # warm-up
+        self.images, self.seconds = 0, 0.0
+
+    def run(self) -> None:
+        """Predict every file once, adding to the totals."""
+        tic = time.perf_counter()
+        for start in range(0, len(self.files), 4):
+            images = [read_image(str(path))[0] for path in self.files[start:start + 4]]
+            for pred in self.predictor.predict_batch(images):
+                mask_png(pred, self.predictor.palette, self.predictor.num_classes)
+        self.seconds += time.perf_counter() - tic
+        self.images += len(self.files)
+
+
+def mode_name(max_batch: int) -> str:
+    return f"serve.py --max-batch {max_batch}" + (" (batching off)" if max_batch == 1 else "")
 
 
 def main() -> int:
@@ -170,32 +184,42 @@ def main() -> int:
         checkpoint = write_checkpoint(folder / "random.pt")
         files, source = image_files(args.data_root, args.images, folder)
         payloads = [path.read_bytes() for path in files]
-        print(f"# {MODEL}, {NUM_CLASSES} classes, random init; {source}; {args.requests} requests per row; "
-              f"{args.threads or torch.get_num_threads()} torch thread(s) per process", flush=True)
-        rows = []
-        for max_batch in args.max_batch:
-            proc = start_service(checkpoint, args.port, max_batch, args.threads, folder / f"serve{max_batch}.log")
-            try:
-                load(args.port, payloads, 2 * max(args.concurrency), max(args.concurrency))  # warm-up, untimed
+        print(f"# {MODEL}, {NUM_CLASSES} classes, random init; {source}; {args.requests} requests per row in "
+              f"{args.rounds} interleaved rounds; {args.threads or torch.get_num_threads()} torch thread(s) per "
+              f"process", flush=True)
+        ports = {max_batch: args.port + i for i, max_batch in enumerate(args.max_batch)}
+        procs = [start_service(checkpoint, port, max_batch, args.threads, folder / f"serve{max_batch}.log")
+                 for max_batch, port in ports.items()]
+        # rows[(max_batch, concurrency)] = [wall seconds, latencies, images, forward passes]
+        rows = {(b, c): [0.0, [], 0.0, 0.0] for b in args.max_batch for c in args.concurrency}
+        offline = Offline(checkpoint, files)
+        try:
+            for port in ports.values():
+                load(port, payloads, 2 * max(args.concurrency), max(args.concurrency))  # warm-up, untimed
+            per_round = -(-args.requests // args.rounds)
+            for r in range(args.rounds):  # interleaved: a change of load on a shared machine hits every row alike
                 for concurrency in args.concurrency:
-                    images_before, passes_before = batch_totals(args.port)
-                    wall, latencies = load(args.port, payloads, args.requests, concurrency)
-                    images, passes = (a - b for a, b in zip(batch_totals(args.port), (images_before, passes_before)))
-                    mode = f"serve.py --max-batch {max_batch}" + (" (batching off)" if max_batch == 1 else "")
-                    rows.append((mode, str(concurrency), f"{args.requests / wall:.1f}",
-                                 *(f"{1000 * percentile(latencies, q):.0f}" for q in (50, 95, 99)),
-                                 f"{images / max(passes, 1):.1f}"))
-                    print("  " + " | ".join(rows[-1]), flush=True)
-            finally:
+                    for max_batch, port in ports.items():
+                        before = batch_totals(port)
+                        wall, latencies = load(port, payloads, per_round, concurrency)
+                        row = rows[max_batch, concurrency]
+                        row[0] += wall
+                        row[1] += latencies
+                        row[2:] = [t + a - b for t, a, b in zip(row[2:], batch_totals(port), before)]
+                offline.run()
+                print(f"  round {r + 1}/{args.rounds} done", flush=True)
+        finally:
+            for proc in procs:
                 proc.terminate()
                 proc.wait(timeout=120)
-        rate = offline_rate(checkpoint, files)
-        rows.append(("offline: infer.py's decode + predict_batch (batch 4) + mask PNG", "-", f"{rate:.1f}",
-                     "-", "-", "-", "4"))
-    header = ("mode", "concurrency", "requests/s (images/s)", "p50 ms", "p95 ms", "p99 ms", "images/forward")
+    header = ("mode", "concurrency", "requests/s", "p50 ms", "p95 ms", "p99 ms", "images/forward")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    for (max_batch, concurrency), (wall, latencies, images, passes) in rows.items():
+        cells = (mode_name(max_batch), str(concurrency), f"{len(latencies) / wall:.1f}",
+                 *(f"{1000 * percentile(latencies, q):.0f}" for q in (50, 95, 99)), f"{images / max(passes, 1):.1f}")
+        print("| " + " | ".join(cells) + " |")
+    print(f"| offline: infer.py's decode + predict_batch + mask PNG, one process | - | "
+          f"{offline.images / offline.seconds:.1f} images/s | - | - | - | 4 |")
     print(describe())
     return 0
 
