@@ -76,22 +76,34 @@ def run(args: argparse.Namespace, options, predictor) -> None:
     uvicorn, service = import_server()
     common = dict(host=args.host, port=args.port, log_level=args.log_level,
                   timeout_graceful_shutdown=int(args.timeout_s) + 5)  # a queued request gets its 504 before that
-    # uvicorn re-raises the signal it drained on, to die by it; the handler below turns that into a clean exit 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    if args.workers == 1:
-        uvicorn.run(service.create_app(options, predictor), **common)
-        return
+    # uvicorn re-raises the signal it drained on, to die by it; this handler turns that into a clean exit 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        if args.workers == 1:
+            uvicorn.run(service.create_app(options, predictor), **common)
+        else:
+            run_workers(uvicorn, service, args.workers, options, common)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_workers(uvicorn, service, workers: int, options, common: dict) -> None:
+    """uvicorn's worker processes, each building the app from the options in its environment."""
     service.options_to_environment(options)
     # Each worker gets its share of the cores: N processes each running all cores' threads slow each other down.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     own_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     with tempfile.TemporaryDirectory(prefix="segpipe-metrics-") as metrics_dir:
         if own_dir:  # /metrics then adds up all workers' values (segpipe.service_metrics)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        # uvicorn restarts a worker that does not answer its ping within timeout_worker_healthcheck (default 5 s):
-        # importing torch on a busy machine can take longer than that, which would restart workers forever.
-        uvicorn.run("segpipe.service:app_from_environment", factory=True, workers=args.workers,
-                    timeout_worker_healthcheck=60, **common)
+        try:
+            # uvicorn restarts a worker that does not answer its ping within timeout_worker_healthcheck (default
+            # 5 s): importing torch on a busy machine can take longer, which would restart workers forever.
+            uvicorn.run("segpipe.service:app_from_environment", factory=True, workers=workers,
+                        timeout_worker_healthcheck=60, **common)
+        finally:
+            if own_dir:
+                del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-pytest.importorskip("multipart")
+pytest.importorskip("python_multipart")
 parser = pytest.importorskip("prometheus_client.parser")
 
 from conftest import REPO, run_env  # noqa: E402
@@ -31,7 +31,7 @@ H, W = 48, 64
 NUM_CLASSES = 5
 
 
-def free_port() -> int:
+def unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -61,7 +61,7 @@ class Server:
     """serve.py in a subprocess, its log in a file (a pipe nobody reads would stall it)."""
 
     def __init__(self, checkpoint: Path, log: Path, *options: str):
-        self.port, self.log = free_port(), log
+        self.port, self.log = unused_port(), log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, str(REPO / "serve.py"), "--checkpoint", str(checkpoint), "--port", str(self.port),
@@ -103,8 +103,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def started(checkpoint, tmp_path_factory):
-    """The three services and the infer.py run the tests compare with, all started at once: their start-up
+def started(checkpoint):
+    """The four services and the infer.py run the tests compare with, all started at once: their start-up
     (importing torch) is most of this file's time and overlaps this way."""
     folder = checkpoint.parent
     rng = np.random.default_rng(1)
@@ -131,8 +131,12 @@ def started(checkpoint, tmp_path_factory):
     yield {"infer": infer, "inputs": [turned, grey16], "out": folder / "out", **servers}
     for process in [infer] + [s.proc for s in servers.values()]:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            process.terminate()  # SIGTERM, so that --workers 2 also ends its worker processes
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture(scope="module")
