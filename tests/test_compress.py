@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
 
+from segpipe.backbones import ResNetFeatures
 from segpipe.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
 from segpipe.compress import find_channel_groups, prune_channels, prune_unstructured, untie_relus, weight_sparsity
 from segpipe.compress.__main__ import main
@@ -39,7 +39,7 @@ def tiny_deeplab(seed: int = 0) -> nn.Module:
         mp.setattr(Bottleneck, "expansion", 1)
         resnet = ResNet(Bottleneck, [1, 1, 1, 1], width_per_group=16,
                         replace_stride_with_dilation=[False, True, True])
-    backbone = IntermediateLayerGetter(resnet, {"layer4": "out", "layer3": "aux"})
+    backbone = ResNetFeatures(resnet, {"layer4": "out", "layer3": "aux"})
     model = DeepLabV3(backbone, DeepLabHead(512, NUM_CLASSES), FCNHead(256, NUM_CLASSES))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):  # fresh BN is the identity; real statistics exercise folding
