@@ -41,6 +41,12 @@ def one_of(choices: tuple) -> dict:
     return {"allowed": (lambda v: v in choices, f"one of {', '.join(choices)}"), "choices": choices}
 
 
+def some_of(choices: tuple) -> dict:
+    """Field metadata: one of these words, or a list of distinct ones (the value's words are checked in _build)."""
+    return {"allowed": (lambda v: v in choices if isinstance(v, str) else len(set(v)) == len(v),
+                        f"one of {', '.join(choices)}, or a list of them without repeats"), "each_of": choices}
+
+
 # The words a key accepts, declared once: the fields below and the modules that act on them use these.
 MASK_FORMATS = ("index", "rgb")
 AUGMENT_ON = ("auto", "workers", "device")
@@ -70,6 +76,7 @@ def _positive_size(v) -> bool:
 
 
 BYTE_SIZE = allowed(_positive_size, "a size above 0 such as 500MB, 20GB or 1.5TiB")
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # segpipe.tracking has one backend for each
 CLASS_WEIGHTS = allowed(lambda v: v == "median_freq" or (isinstance(v, list) and all(_number(x) and x >= 0 for x in v)),
                         "median_freq or a list of one weight (a number >= 0) per class")
 
@@ -95,8 +102,8 @@ class DataConfig:
     blur_kernel: int = field(default=5, metadata=allowed(lambda v: v > 0 and v % 2 == 1, "an odd number above 0"))
     blur_sigma: list = field(default_factory=lambda: [0.1, 2.0], metadata=RANGE)
     color_jitter: float = field(default=0.0, metadata=AT_LEAST_0)  # strength for brightness/contrast/saturation; 0 disables
-    # Where blur + normalisation run: workers (the loader), device (the training step, on the batch), or
-    # auto (device when training on a GPU and color_jitter is off, else workers).
+    # Where the pixel work (blur, colour jitter, normalisation) runs: workers (the loader), device (the training
+    # step, on the batch), or auto (device when training on a GPU, else workers).
     augment_on: str = field(default="auto", metadata=one_of(AUGMENT_ON))
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -156,8 +163,12 @@ class TrainConfig:
     resume: Optional[str] = None  # None | auto | path/to/last.pt
     init_from: Optional[str] = None  # start from these model weights (e.g. a pruned artefact)
     val_every: int = field(default=1, metadata=AT_LEAST_1)  # epochs between validations
-    log_every: int = field(default=20, metadata=AT_LEAST_1)  # steps between plain log lines and TensorBoard scalars
-    num_vis: int = field(default=4, metadata=AT_LEAST_0)  # image | truth | prediction panels written to TensorBoard per validation
+    log_every: int = field(default=20, metadata=AT_LEAST_1)  # steps between plain log lines and tracked scalars
+    num_vis: int = field(default=4, metadata=AT_LEAST_0)  # image | truth | prediction panels tracked per validation
+    # Where rank 0 logs params, scalars, panels and (MLflow, W&B) the final artefacts: one of TRACKERS or a list,
+    # e.g. [tensorboard, mlflow]; [] logs nowhere. MLflow and W&B are optional packages (pip install mlflow / wandb).
+    tracker: Union[str, list] = field(default="tensorboard", metadata=some_of(TRACKERS))
+    experiment: Optional[str] = None  # MLflow experiment / W&B project; None: the name of output_dir's folder
     backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
     # How long a rank waits for the others in a collective before failing (a first index scan on a network
     # file system can take minutes while the other ranks wait).
@@ -275,6 +286,12 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             choices = fields[key].metadata.get("choices")
             if choices is not None and value not in choices:
                 raise ConfigError(f"{dotted}={value!r}; choose one of {', '.join(choices)}")
+            each_of = fields[key].metadata.get("each_of")  # a word or a list of words, each one of these
+            words = [value] if isinstance(value, str) else value
+            unknown = [word for word in words if word not in each_of] if each_of else []
+            if unknown:
+                raise ConfigError(f"{dotted}={value!r}: {unknown[0]!r} is not one of {', '.join(each_of)}; give one "
+                                  f"of them or a list, e.g. {dotted}=[{each_of[0]},{each_of[1]}]")
             check, wanted = fields[key].metadata.get("allowed", (None, None))
             if check is not None and kwargs[key] is not None and not _passes(check, kwargs[key]):
                 raise ConfigError(f"{dotted}={value!r} is not allowed; it must be {wanted}")

@@ -29,7 +29,7 @@ class Runtime:
     amp_dtype: Optional[torch.dtype]  # None = full fp32
     use_grad_scaler: bool  # fp16 on CUDA only
     channels_last: bool = False  # memory format of the model and its inputs
-    augment_on_device: bool = False  # blur + normalise the uint8 batch in the training step, not the workers
+    augment_on_device: bool = False  # the pixel work on the uint8 batch in the training step, not the workers
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -53,8 +53,7 @@ class Runtime:
 
 
 def setup(device: Optional[str] = None, backend: Optional[str] = None, amp: str = "auto",
-          channels_last: bool = False, timeout_s: float = 600.0, augment_on: str = "workers",
-          color_jitter: float = 0.0) -> Runtime:
+          channels_last: bool = False, timeout_s: float = 600.0, augment_on: str = "workers") -> Runtime:
     """Read RANK/LOCAL_RANK/WORLD_SIZE (torchrun) and join the process group; plain `python` is a world of one."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -73,7 +72,7 @@ def setup(device: Optional[str] = None, backend: Optional[str] = None, amp: str 
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None, **restart_store(timeout))
     amp_dtype, scaler = resolve_amp(amp, dev)
-    on_device = resolve_augment_on(augment_on, dev, color_jitter)
+    on_device = resolve_augment_on(augment_on, dev)
     return Runtime(rank, local_rank, world_size, dev, amp_dtype, scaler, channels_last, on_device)
 
 
@@ -112,15 +111,12 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[Optional[torch.dtype],
     return (torch.bfloat16, False) if cpu_bf16 else (None, False)
 
 
-def resolve_augment_on(mode: str, device: torch.device, color_jitter: float) -> bool:
-    """Whether data.augment_on puts blur + normalisation on the training device (True) or in the workers."""
+def resolve_augment_on(mode: str, device: torch.device) -> bool:
+    """Whether data.augment_on puts the pixel work (blur, colour jitter, normalisation) on the training device."""
     if mode not in AUGMENT_ON:
         raise ValueError(f"data.augment_on={mode!r}; choose one of {', '.join(AUGMENT_ON)}")
-    if mode == "device" and color_jitter > 0:
-        raise ValueError("data.augment_on=device cannot apply data.color_jitter, which needs [0, 1] colours "
-                         "before normalisation in the workers; set data.augment_on=workers (or auto)")
     if mode == "auto":  # a GPU does the per-pixel work in microseconds; on a CPU it competes with the model
-        return device.type == "cuda" and color_jitter == 0
+        return device.type == "cuda"
     return mode == "device"
 
 

@@ -146,20 +146,21 @@ def test_fp16_on_cpu_is_refused_and_auto_picks_a_supported_dtype():
     assert dtype in (None, torch.bfloat16) and not scaler
 
 
-def test_augment_on_device_only_on_a_gpu_by_default_and_never_with_colour_jitter():
+def test_augment_on_device_only_on_a_gpu_by_default():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_augment_on("auto", cuda, 0.0) and not resolve_augment_on("auto", cpu, 0.0)
-    assert not resolve_augment_on("auto", cuda, 0.3) and resolve_augment_on("device", cpu, 0.0)
-    with pytest.raises(ValueError, match="data.augment_on=workers"):
-        resolve_augment_on("device", cuda, 0.3)
+    assert resolve_augment_on("auto", cuda) and not resolve_augment_on("auto", cpu)
+    assert resolve_augment_on("device", cpu) and not resolve_augment_on("workers", cuda)
+    with pytest.raises(ValueError, match="data.augment_on='gpu'; choose one of auto, workers, device"):
+        resolve_augment_on("gpu", cuda)
 
 
-def test_blur_and_normalise_in_the_training_step(make_dataset, tmp_path):
+def test_blur_jitter_and_normalise_in_the_training_step(make_dataset, tmp_path):
     root = make_dataset(n_train=4, n_valid=2)
-    result = train(root, tmp_path / "dev", "train.max_steps=2", "data.augment_on=device", "data.blur_prob=1.0")
+    result = train(root, tmp_path / "dev", "train.max_steps=2", "data.augment_on=device", "data.blur_prob=1.0",
+                   "data.color_jitter=0.2")
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(tmp_path / "dev" / "last.pt")["step"] == 2
-    for wrong in (["data.augment_on=device", "data.color_jitter=0.2"], ["train.amp=fp16"]):
+    for wrong in (["data.augment_on=gpu"], ["train.amp=fp16"]):
         refused = train(root, tmp_path / "refused", "train.max_steps=1", *wrong)
         assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
         assert refused.stderr.startswith("config error: " + wrong[0].split("=")[0]), refused.stderr
