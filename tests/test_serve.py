@@ -350,6 +350,16 @@ def test_bad_checkpoint_or_option_is_one_line_and_no_server(tmp_path, capsys):
     assert "missing.pt" in lines[0] and "--max-batch" in lines[1]
 
 
+def test_serve_packages_are_the_same_in_pyproject_requirements_and_dockerfile():
+    """The serve extra is written in three places (pip install .[serve], CI's requirements, the image)."""
+    import re
+    import tomllib
+    extra = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"])
+    dev = {line.strip() for line in (REPO / "requirements-dev.txt").read_text().splitlines()}
+    docker = set(re.findall(r'"([a-z-]+>=[0-9.]+)"', (REPO / "Dockerfile").read_text()))
+    assert len(extra) == 4 and extra <= dev and extra == docker
+
+
 def test_batcher_never_mixes_keys_or_exceeds_max_batch():
     """In-process: 7 jobs of key "a" and 3 of key "b" queued at once, max_batch 4."""
     from segpipe.service_batcher import Batcher
