@@ -94,8 +94,13 @@ def load_model(path: str | Path, device: torch.device, trust_artefact: bool = Fa
 
     Checkpoints are read with weights_only=True (segpipe.checkpoint.load_checkpoint): a file from elsewhere
     cannot run code. An int8 .pt2 archive can, so it loads only with trust_artefact=True (see compress/int8.py).
-    The architecture is rebuilt from the checkpoint's model_name and num_classes.
+    The architecture is rebuilt from the checkpoint's model_name and num_classes. An .onnx file (segpipe.export)
+    runs in ONNX Runtime; loading one runs no code from it (see segpipe/onnx_runtime.py).
     """
+    if Path(path).suffix.lower() == ".onnx":
+        from segpipe.onnx_runtime import load_onnx  # lazily: onnxruntime is optional
+        model, meta = load_onnx(path, device)
+        return model, _check_meta(meta, path)
     if _is_artefact(path):
         from segpipe.compress import load_artefact
         try:
