@@ -14,6 +14,7 @@ on training images; its agreement is reported and stored but not required (int8 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import secrets
@@ -105,26 +106,28 @@ def export_model(model: nn.Module, sample: torch.Tensor, opset: int = DEFAULT_OP
     # U-Net crops its padded logits with narrow_copy (see unet.py), which this exporter has no rule for;
     # it is narrow with a copy, and narrow's rule emits the same Slice.
     torch.onnx.register_custom_op_symbolic("aten::narrow_copy", symbolic_opset11.narrow, 11)
-    buffer = tempfile.SpooledTemporaryFile()
     dims = {0: "batch", 2: "height", 3: "width"}
     wrapper = LogitsOnly(model).eval()  # eval() on the wrapper: export restores its mode onto the model after
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad(), io.BytesIO() as buffer:
         warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own deprecation notice (above)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape arithmetic, traced symbolically
-        with torch.no_grad():
-            torch.onnx.export(wrapper, (sample,), buffer, dynamo=False, opset_version=opset,
-                              input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": dims, "logits": dims})
-    buffer.seek(0)
-    return onnx.load_model_from_string(buffer.read())
+        torch.onnx.export(wrapper, (sample,), buffer, dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": dims, "logits": dims})
+        return onnx.load_model_from_string(buffer.getvalue())
 
 
 def quantize_model(proto, calibration: list[torch.Tensor], method: str = "minmax"):
     """ONNX Runtime static int8 quantization (QDQ) of an fp32 model, calibrated on normalised 1x3xHxW images."""
     onnx = _import_onnx()
     import_onnxruntime()
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Images(CalibrationDataReader):

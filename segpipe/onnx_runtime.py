@@ -75,7 +75,7 @@ class OnnxModel:
         logits = self.session.run(None, {self.input_name: array})[0]
         return {"out": torch.from_numpy(np.ascontiguousarray(logits)).to(images.device)}
 
-    def eval(self) -> "OnnxModel":
+    def eval(self) -> OnnxModel:
         """Always in inference mode; here so code written for nn.Module can call it."""
         return self
 

@@ -1,7 +1,6 @@
 """ONNX export (segpipe.export) and ONNX Runtime inference (segpipe.onnx_runtime): every architecture agrees
 with PyTorch, the metadata round-trips, infer.py and evaluate.py read .onnx files, int8, hostile files."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from conftest import REPO, random_mask, run_env, write_pair  # noqa: E402
+from conftest import random_mask, write_pair  # noqa: E402
 from test_evaluate_infer import fails_with, run_script  # noqa: E402
 from test_predict import tiny_checkpoint  # noqa: E402
 
@@ -96,18 +95,16 @@ def test_exported_metadata_round_trips(exported):
     assert model(torch.zeros(2, 3, 24, 40))["out"].shape == (2, 4, 24, 40)  # dynamic batch, height, width
 
 
-def evaluate(model_file: Path, root: Path, out: Path) -> dict:
-    result = subprocess.run([sys.executable, "evaluate.py", str(model_file), "--data-root", str(root), "--out",
-                             str(out), "--workers", "0", "--failures", "0"],
-                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr
-    return json.loads((out / "metrics.json").read_text())
-
-
 def test_evaluate_and_infer_read_onnx_as_they_read_the_checkpoint(exported, tmp_path, monkeypatch):
     root, ckpt, out, _ = exported
     agreement = load_onnx(out)[1]["export"]["agreement"]
-    from_ckpt, from_onnx = evaluate(ckpt, root, tmp_path / "pt"), evaluate(out, root, tmp_path / "onnx")
+    scores = {}
+    for model_file in (ckpt, out):  # in this process: the scripts' own code paths, without two more interpreters
+        folder = tmp_path / f"eval-{model_file.suffix[1:]}"
+        run_script("evaluate.py", [str(model_file), "--data-root", str(root), "--out", str(folder), "--workers", "0",
+                                   "--failures", "0"], tmp_path, monkeypatch)
+        scores[model_file.suffix] = json.loads((folder / "metrics.json").read_text())
+    from_ckpt, from_onnx = scores[".pt"], scores[".onnx"]
     assert from_onnx["miou"] == pytest.approx(from_ckpt["miou"], abs=1 - agreement)
     assert from_onnx["num_images"] == from_ckpt["num_images"] == 6
     masks = {}
