@@ -56,8 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--int8", action="store_true", help=f"also write an int8 model, NAME{INT8_SUFFIX}")
     onnx.add_argument("--calib-images", type=int, default=64, help="int8: training images to calibrate on")
     onnx.add_argument("--calib-method", choices=CALIBRATION, default="minmax",
-                      help="int8: activation ranges from min/max (memory-bounded) or histograms (percentile, "
-                           "entropy: hold every activation of every calibration image in memory)")
+                      help="int8: activation ranges from each tensor's min/max, or from histograms (percentile, "
+                           "entropy: these keep every activation of every calibration image in memory)")
     onnx.add_argument("--images", type=int, default=32, help="validation images to verify on (0: all)")
     onnx.add_argument("--data-root", default=None, help="folder with train/ and valid/ (default: the data.root "
                                                         "the checkpoint was trained on)")
@@ -121,13 +121,8 @@ def quantize_model(proto, calibration: list[torch.Tensor], method: str = "minmax
     """ONNX Runtime static int8 quantization (QDQ) of an fp32 model, calibrated on normalised 1x3xHxW images."""
     onnx = _import_onnx()
     import_onnxruntime()
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Images(CalibrationDataReader):
@@ -147,9 +142,7 @@ def quantize_model(proto, calibration: list[torch.Tensor], method: str = "minmax
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method={"minmax": CalibrationMethod.MinMax,
                                           "percentile": CalibrationMethod.Percentile,
-                                          "entropy": CalibrationMethod.Entropy}[method],
-                        # MinMax otherwise keeps every activation of every image until the end
-                        extra_options={"CalibMaxIntermediateOutputs": 4} if method == "minmax" else None)
+                                          "entropy": CalibrationMethod.Entropy}[method])
         return onnx.load(str(int8))
 
 
