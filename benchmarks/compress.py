@@ -1,12 +1,17 @@
-"""One table of compressed DeepLabV3-ResNet50 variants on CPU: latency, size, parameters, agreement, mIoU.
+"""One table of one model's CPU artefacts: latency, size, parameters, agreement, mIoU; which one is fastest.
 
-    nice python benchmarks/compress.py [--checkpoint P] [--data-root ../shared/data/camvid] [--images N]
+    nice python benchmarks/compress.py [--checkpoint P | --model NAME] [--data-root ../shared/data/camvid] [--images N]
+
+Rows: PyTorch fp32 (eager, channels_last), bf16 autocast, torchao int8, structured and unstructured pruning
+(where the architecture has prunable channel groups), and ONNX Runtime fp32 and int8 (the .onnx files
+`python -m segpipe.export onnx [--int8]` writes, run by segpipe.onnx_runtime with as many threads as torch).
 
 Latency: batch 1 at 360x480, --threads threads, the median of --runs timed forwards after warm-up.
 The variants are timed in interleaved rounds (one forward of each per round) so that load from other
 processes on a shared machine spreads over all rows instead of penalising whichever ran at the wrong time.
 "vs fp32 same format" compares each row with the fp32 model run the same way (contiguous eager, or
-channels_last); int8 is compiled and picks its own layout, so it is compared with fp32 eager.
+channels_last); int8 is compiled and picks its own layout, so it is compared with fp32 eager; ONNX
+Runtime int8 is compared with ONNX Runtime fp32.
 Agreement is the share of valid-set pixels whose class equals the fp32 model's; mIoU uses the valid
 masks (11 = void ignored). The auxiliary head is removed in every row: inference never reads it.
 """
@@ -33,13 +38,14 @@ from segpipe.compress.bf16 import Bf16Autocast  # noqa: E402
 from segpipe.compress.int8 import quantize_int8, save_int8  # noqa: E402
 from segpipe.compress.quality import (calibration_images, labelled_images, mean_iou,  # noqa: E402
                                       pixel_agreement, predict_classes)
-from segpipe.compress.structured import prune_channels  # noqa: E402
+from segpipe.compress.structured import PruningError, prune_channels  # noqa: E402
 from segpipe.compress.unstructured import prune_unstructured  # noqa: E402
+from segpipe.export import export_model, quantize_model, with_metadata, write_model  # noqa: E402
 from segpipe.model_files import load_model  # noqa: E402
-from segpipe.models import build_model  # noqa: E402
+from segpipe.models import MODEL_NAMES, build_model  # noqa: E402
+from segpipe.onnx_runtime import load_onnx  # noqa: E402
 
-MODEL = "deeplabv3_resnet50"
-FP32, FP32_CL = "fp32 eager", "fp32 channels_last"
+FP32, FP32_CL, ORT_FP32 = "fp32 eager", "fp32 channels_last", "ONNX Runtime fp32"
 CAMVID_CLASSES, CAMVID_VOID = 11, 11
 HEIGHT, WIDTH = 360, 480
 
@@ -58,7 +64,9 @@ class ChannelsLast(nn.Module):
 def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a trained deeplabv3_resnet50 segpipe checkpoint (default: random init)")
+    parser.add_argument("--checkpoint", help="a trained segpipe checkpoint (default: random init of --model)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="deeplabv3_resnet50",
+                        help="the architecture to build with random weights when no --checkpoint is given")
     parser.add_argument("--data-root", default="../shared/data/camvid")
     parser.add_argument("--images", type=int, default=None, help="valid images for agreement/mIoU (default all)")
     parser.add_argument("--calib-images", type=int, default=64, help="training images to calibrate int8 on")
@@ -79,12 +87,13 @@ def load_float(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     print("NOTE: no --checkpoint: a RANDOMLY INITIALISED model. Latency, size and parameter counts are real; "
           "agreement is only indicative and mIoU is meaningless.", flush=True)
     torch.manual_seed(0)
-    model = build_model(MODEL, CAMVID_CLASSES)
-    checkpoint = {"model_name": MODEL, "model_options": {}, "num_classes": CAMVID_CLASSES,
+    model = build_model(args.model, CAMVID_CLASSES)
+    checkpoint = {"model_name": args.model, "model_options": {}, "num_classes": CAMVID_CLASSES,
                   "classes": [f"class_{i}" for i in range(CAMVID_CLASSES)], "palette": None,
                   "ignore_index": CAMVID_VOID, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                   "eval_size": None, "config": {}}
-    model.aux_classifier = None
+    if getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier = None
     return model.eval(), checkpoint
 
 
@@ -114,15 +123,20 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
     calibration = list(calibration_images(checkpoint, args.data_root, args.calib_images))
     program = quantize_int8(model, calibration)
     int8_file = folder / "int8.pt2"
-    save_int8(program, int8_file, {"model_name": MODEL, "compression": {"method": "int8"}})
+    save_int8(program, int8_file, {"model_name": checkpoint["model_name"], "compression": {"method": "int8"}})
     int8, _ = load_model(int8_file, trust_artefact=True)
     print(f"  int8: calibrated on {len(calibration)} training images, quantized and saved in "
           f"{time.perf_counter() - t:.0f} s (compiles on first call)", flush=True)
     add("int8 (PT2E, compiled)", int8, int8_file)
+    add_onnx(model, checkpoint, calibration, folder, add)
 
     for sparsity in (0.3, 0.5):
         pruned = copy.deepcopy(model)
-        channels = prune_channels(pruned, sparsity)
+        try:
+            channels = prune_channels(pruned, sparsity)
+        except PruningError as e:
+            print(f"  no structured rows: {e}", flush=True)
+            break
         n = sum(p.numel() for p in pruned.parameters())
         file = save_float(f"structured{sparsity}", pruned, {"method": "structured", "channels": channels})
         add(f"structured {sparsity:.0%}", pruned.eval(), file, n)
@@ -136,6 +150,20 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
                                                                                "sparsity": reached}),
         f"{params / 1e6:.1f}M ({nonzero / 1e6:.1f}M nz)")
     return variants
+
+
+def add_onnx(model: nn.Module, checkpoint: dict, calibration: list[torch.Tensor], folder: Path,
+             add: Callable) -> None:
+    """The ONNX Runtime rows: fp32 and int8 .onnx files written and loaded as segpipe.export and load_onnx do."""
+    t = time.perf_counter()
+    proto = export_model(model, torch.randn(1, 3, HEIGHT, WIDTH))
+    int8_proto = quantize_model(proto, calibration)
+    for name, precision, p in ((ORT_FP32, "fp32", proto), ("ONNX Runtime int8 (QDQ)", "int8", int8_proto)):
+        file = folder / f"{precision}.onnx"
+        write_model(with_metadata(p, checkpoint, {"precision": precision}), file)
+        add(name, load_onnx(file)[0], file, baseline=ORT_FP32)
+    print(f"  ONNX: exported, int8-calibrated on {len(calibration)} training images and saved in "
+          f"{time.perf_counter() - t:.0f} s", flush=True)
 
 
 def wait_for_quiet(max_load: float | None, minutes: float) -> None:
@@ -203,6 +231,12 @@ def print_table(variants: dict[str, dict], times: dict[str, list[float]], scores
         print(f"| {name} | {ms:.0f} | {min(times[name]):.0f} | {base / ms:.2f}x | {same:.2f}x ({v['baseline']}) "
               f"| {os.path.getsize(v['file']) / 1e6:.1f} | {params} | {agree:.2%} | {miou:.4f} |")
     print(f"\nagreement and mIoU over {n_images} valid images")
+    median = {name: statistics.median(times[name]) for name in variants}
+    faithful = [name for name in variants if scores[name][0] >= 0.99]  # classes as fp32 on >= 99% of pixels
+    for label, names in (("fastest", list(variants)), ("fastest with >= 99% agreement", faithful)):
+        best = min(names, key=median.get)
+        print(f"{label}: {best} ({median[best]:.0f} ms median, {min(times[best]):.0f} ms min)")
+    print(f"{ORT_FP32}: {median[ORT_FP32]:.0f} ms median; PyTorch {FP32_CL}: {median[FP32_CL]:.0f} ms median")
 
 
 def main() -> None:

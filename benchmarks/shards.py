@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Sampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.hardware import describe  # noqa: E402
 from segpipe.config import load_config  # noqa: E402
-from segpipe.data import MaskDecoder, SegmentationDataset, open_index  # noqa: E402
+from segpipe.data import MaskDecoder, SegmentationDataset  # noqa: E402
+from segpipe.shards import open_index  # noqa: E402
 from segpipe.distributed import train_sampler  # noqa: E402
 from segpipe.transforms import train_transform  # noqa: E402
 

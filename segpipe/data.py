@@ -71,17 +71,6 @@ class FileIndex:
         return image_size(self.paths(i)[0])
 
 
-def open_index(root: str, split: str, cache_dir: Optional[str] = None, skip_unpaired: bool = False,
-               cache_limit="20GB", window: int = 1):
-    """The index of a split: of ROOT/SPLIT when root is a folder (a FileIndex), of SPLIT in the shard set when root
-    is a shard descriptor's path or URL (a segpipe.shards.ShardIndex; `window` shards are shuffled together)."""
-    from segpipe.shards.descriptor import is_descriptor  # no fsspec: that is imported for remote shards only
-    if not is_descriptor(root):
-        return load_index(root, split, cache_dir, skip_unpaired)
-    from segpipe.shards.index import open_split
-    return open_split(root, split, cache_dir, cache_limit, window)
-
-
 def index_path(split_dir: Path, cache_dir: Optional[str]) -> Path:
     """Where the index of split_dir is cached: next to the data if writable, else in a cache dir."""
     if cache_dir is None and os.access(split_dir.parent, os.W_OK):

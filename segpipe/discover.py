@@ -24,7 +24,8 @@ import torch
 import yaml
 from PIL import Image
 
-from segpipe.data import DataError, FileIndex, open_index, rgb_codes
+from segpipe.data import DataError, FileIndex, rgb_codes
+from segpipe.shards import open_index
 
 MAX_CLASSES = 64  # more labels than this in a survey are not a class list anyone annotated
 RARE_PIXEL_SHARE = 1e-4  # below this share of the pixels read, a label is reported as rare, not made a class

@@ -2,7 +2,8 @@
 initialising a new network from a file (model.weights, model.weights_backbone, train.init_from).
 
 Model files: a segpipe checkpoint (train.py's best.pt/last.pt; pruned or bf16 ones from segpipe.compress carry a
-"compression" record), an int8 torch.export archive (.pt2), or an ONNX model (.onnx, run by ONNX Runtime).
+"compression" record), an int8 torch.export archive (.pt2), or an ONNX model (.onnx from segpipe.export, run by
+ONNX Runtime; loading one runs no code from it, see segpipe/onnx_runtime.py).
 Checkpoints load with weights_only=True: a file from elsewhere cannot run code. Loading a .pt2 can, so it needs
 trust_artefact=True (see segpipe/compress/int8.py).
 """
@@ -20,8 +21,8 @@ from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
 from segpipe.compress.int8 import load_int8
 from segpipe.compress.structured import shrink_to_channels
 from segpipe.models import ModelError, build_model, model_options
-
-ONNX_SUFFIX = ".onnx"
+from segpipe.onnx_runtime import SUFFIX as ONNX_SUFFIX
+from segpipe.onnx_runtime import load_onnx
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", *, trust_artefact: bool = False,
@@ -38,6 +39,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *, trust_ar
         raise CheckpointError(f"{path} is an {'int8' if path.suffix == INT8_SUFFIX else 'ONNX'} artefact, an "
                               f"inference file that cannot be trained or compressed again; start from the float or "
                               f"pruned checkpoint it was made from, then quantize or export again")
+    if path.suffix.lower() == ONNX_SUFFIX:  # run by ONNX Runtime (optional: a clear message when missing)
+        model, meta = load_onnx(path, device)
+        return model, metadata(meta, path)
     if path.suffix == INT8_SUFFIX:
         if device.type != "cpu":
             raise CheckpointError(f"{path} is an int8 artefact for x86 CPUs; use --device cpu, or the float "
@@ -56,6 +60,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *, trust_ar
             model = Bf16Autocast(model)
         model.eval()
     return model.to(device), meta
+
+
+def load_float_model(path: str | Path, keep_aux: bool = False) -> tuple[nn.Module, dict]:
+    """The float network of a checkpoint (pruned widths kept, no autocast wrapper) in eval mode on the CPU, and
+    its metadata: what compression and export start from. keep_aux keeps the auxiliary head (for fine-tuning)."""
+    model, meta = load_model(path, for_training=True)
+    if not keep_aux and getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier = None
+    return model.eval(), meta
 
 
 def _network(ckpt: dict, meta: dict, path: Path) -> nn.Module:

@@ -27,7 +27,7 @@ from segpipe.checkpoint import (FINISHED, CheckpointError, copy_checkpoint, load
                                 restore_training, save_checkpoint)
 from segpipe.checkpoint import make_checkpoint as build_checkpoint
 from segpipe.config import Config, ConfigError, check_class_weights, load_config, to_dict
-from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, open_index, worker_message
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, worker_message
 from segpipe.discover import apply_discovery, clamp_crop
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
@@ -35,7 +35,7 @@ from segpipe.metrics import ConfusionMatrix
 from segpipe.model_files import build_initial_model
 from segpipe.models import ModelError, has_batchnorm_pooling, model_options, set_bn_momentum
 from segpipe.outputs import OutputError, describe, prepare_dir
-from segpipe.shards.descriptor import is_descriptor
+from segpipe.shards import is_descriptor, open_index
 from segpipe.tracking import Tracker, config_params, open_trackers, require_packages
 from segpipe.transforms import PixelOps, collate_eval, eval_transform, train_transform
 from segpipe.visualize import colorize, confusion_matrix_image, default_palette

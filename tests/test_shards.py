@@ -21,10 +21,10 @@ from benchmarks.slow_server import SlowServer
 from conftest import run_env
 from segpipe.checkpoint import load_checkpoint
 from segpipe.config import ConfigError, load_config
-from segpipe.data import DataError, MaskDecoder, SegmentationDataset, open_index
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset
 from segpipe.discover import apply_discovery
 from segpipe.distributed import SeededSampler, ShardWindowSampler
-from segpipe.shards import ShardStore, index_shards, open_split, write as write_module
+from segpipe.shards import ShardStore, index_shards, open_index, open_split, write as write_module
 from segpipe.shards.write import write_shards
 from segpipe.transforms import train_transform
 from segpipe.shards import __main__ as shards_cli

@@ -24,7 +24,7 @@ from segpipe.compress.structured import (CRITERIA, PruningError, group_widths, p
                                          prunable_channel_sparsity)
 from segpipe.compress.unstructured import SCOPES, prune_unstructured
 from segpipe.data import DataError
-from segpipe.model_files import load_model
+from segpipe.model_files import load_float_model
 from segpipe.outputs import OutputError, prepare_file
 from segpipe.training import read_config, train
 SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -119,15 +119,6 @@ def sweep(model: nn.Module, checkpoint: dict, args: argparse.Namespace) -> None:
               f"{pixel_agreement(preds, dense):>9.4f}", flush=True)
 
 
-def float_model(path: str | Path, keep_aux: bool) -> tuple[nn.Module, dict]:
-    """The float network of a checkpoint (pruned widths kept), in eval mode, and its metadata; keep_aux keeps the
-    auxiliary head (pruned too, so fine-tuning can still use its loss)."""
-    model, meta = load_model(path, for_training=True)
-    if not keep_aux and getattr(model, "aux_classifier", None) is not None:
-        model.aux_classifier = None
-    return model.eval(), meta
-
-
 def compressed(meta: dict, model: nn.Module, record: dict) -> dict:
     """The checkpoint of a compressed float model: the source's metadata, the new weights, the record."""
     return make_checkpoint(model.state_dict(), {k: meta[k] for k in META_KEYS}, compression=record)
@@ -184,8 +175,8 @@ def run_prune(args: argparse.Namespace) -> None:
     if args.out:
         prepare_file(args.out, "--out")  # before the pruning and fine-tuning, not after
     if args.sweep:
-        return sweep(*float_model(args.checkpoint, keep_aux=False), args)
-    model, checkpoint = float_model(args.checkpoint, keep_aux=True)
+        return sweep(*load_float_model(args.checkpoint, keep_aux=False), args)
+    model, checkpoint = load_float_model(args.checkpoint, keep_aux=True)
     params_before = sum(p.numel() for p in model.parameters())
     record = prune_model(model, args, args.sparsity)
     record.update(source=str(args.checkpoint), params_before=params_before,
@@ -196,7 +187,7 @@ def run_prune(args: argparse.Namespace) -> None:
     if args.finetune_epochs:  # valid mIoU (first --images) before and after, on the same decoded images
         images, masks = labelled_images(checkpoint, data_root(args, checkpoint), "valid", args.images)
         record["miou_before_finetune"] = valid_miou(model, checkpoint, images, masks)
-        tuned, _ = float_model(finetune(pruned, args), keep_aux=True)
+        tuned, _ = load_float_model(finetune(pruned, args), keep_aux=True)
         record.update(finetune_epochs=args.finetune_epochs, finetune_run=str(Path(args.out).stem + "-finetune"),
                       miou_after_finetune=valid_miou(tuned, checkpoint, images, masks))
         pruned = compressed(checkpoint, tuned, record)
@@ -212,7 +203,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     if (Path(args.out).suffix == INT8_SUFFIX) != (args.dtype == "int8"):
         raise SystemExit(f"--out {args.out}: {args.dtype} artefacts are read by their suffix; name it *{wanted}")
     prepare_file(args.out, "--out")  # before the calibration, not after
-    model, checkpoint = float_model(args.checkpoint, keep_aux=False)
+    model, checkpoint = load_float_model(args.checkpoint, keep_aux=False)
     previous = checkpoint["compression"]
     if args.dtype == "bf16":
         record = {"method": "bf16", "source": str(args.checkpoint), "previous": previous}

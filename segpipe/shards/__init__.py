@@ -10,9 +10,9 @@ whole into a local cache (data.cache_dir, data.cache_limit) and verified. Readin
 aiohttp (`pip install segpipe[shards]`), imported only then.
 """
 from segpipe.shards.descriptor import DESCRIPTOR_NAME, is_descriptor, read_descriptor
-from segpipe.shards.index import ShardIndex, open_split
+from segpipe.shards.index import ShardIndex, open_index, open_split
 from segpipe.shards.store import ShardStore
 from segpipe.shards.write import describe_shard, index_shards, write_shards
 
 __all__ = ["DESCRIPTOR_NAME", "ShardIndex", "ShardStore", "describe_shard", "index_shards", "is_descriptor",
-           "open_split", "read_descriptor", "write_shards"]
+           "open_index", "open_split", "read_descriptor", "write_shards"]

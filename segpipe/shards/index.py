@@ -9,8 +9,8 @@ from typing import Optional
 import numpy as np
 
 from segpipe.config import parse_size
-from segpipe.data import DataError
-from segpipe.shards.descriptor import MASK_EXT, read_descriptor, split_shards
+from segpipe.data import DataError, load_index
+from segpipe.shards.descriptor import MASK_EXT, is_descriptor, read_descriptor, split_shards
 from segpipe.shards.store import ShardInfo, ShardStore, human
 
 HEADER = 512  # a tar member's header precedes its bytes: read with them, it confirms the offset names that member
@@ -132,3 +132,12 @@ def check_cache_room(index: ShardIndex, window: int) -> None:
         raise DataError(f"data.cache_limit={human(index.store.limit)} cannot hold two shuffle windows of {window} "
                         f"shards of up to {human(largest)} from {index.split_dir}; raise data.cache_limit to at "
                         f"least {human(needed)} or lower data.shuffle_window")
+
+
+def open_index(root: str, split: str, cache_dir: Optional[str] = None, skip_unpaired: bool = False,
+               cache_limit="20GB", window: int = 1):
+    """The index of a split: of ROOT/SPLIT when root is a folder (a FileIndex), of SPLIT in the shard set when root
+    is a shard descriptor's path or URL (a segpipe.shards.ShardIndex; `window` shards are shuffled together)."""
+    if not is_descriptor(root):
+        return load_index(root, split, cache_dir, skip_unpaired)
+    return open_split(root, split, cache_dir, cache_limit, window)
