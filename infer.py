@@ -3,9 +3,11 @@
 For each image writes OUT/NAME_mask.png (the class index of every pixel, as a palette PNG: viewers show the
 class colours, programs read the indices) and OUT/NAME_overlay.jpg (the image blended with the class colours,
 with a legend of the classes present), and prints each class's share of the image and the time taken.
-Files it writes are marked (segpipe.outputs.PREDICTION_TAG): it never replaces a file it did not write, replaces
-its own earlier predictions only with --overwrite, and refuses an --out inside a data folder (NAME_mask.png is
-also the name of the ground truth there).
+Files it writes are marked (segpipe.outputs.PREDICTION_TAG) and written under a temporary name, then renamed: it
+never replaces a file it did not write, refuses an --out inside a data folder (NAME_mask.png is also the name of
+the ground truth there), and a rerun skips the images whose outputs are already there (--overwrite redoes them),
+so a long job that was stopped goes on where it ended. Many processes: `torchrun --nproc_per_node=N infer.py ...`
+predicts each input exactly once over all of them.
 Without --checkpoint it uses the best.pt of the newest finished training run in runs/ (and asks for --checkpoint
 when finished runs predict different classes).
 The predictions are those evaluate.py scores: both go through segpipe.predict.Predictor.
@@ -15,18 +17,21 @@ import glob
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from segpipe import distributed as dist_utils
 from segpipe.checkpoint import CheckpointError
 from segpipe.data import IMAGE_EXTS, MASK_SUFFIX
 from segpipe.outputs import OutputError, is_prediction, prepare_dir, save_prediction, split_folder_holding
-from segpipe.predict import TTA_SCALES, ImageFiles, class_shares, open_predictor
+from segpipe.predict import TTA_SCALES, ImageFiles, Predictor, class_shares, open_predictor
+from segpipe.visualize import colorize, overlay
 
-# A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
-# again as __mp_main__: everything below runs only when the file is the program.
-if __name__ == "__main__":
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders (their images, not *_mask.png) or globs")
     parser.add_argument("--checkpoint", help="a best.pt/last.pt of train.py or a compressed artefact "
@@ -47,94 +52,129 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=4, help="images of the same size per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="processes decoding the next images while the model "
                                                                "runs (none when there are fewer than two batches)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Predict every input image and write its mask and overlay; under torchrun each process takes its share.
+    Returns 0; ends the program with the list of inputs that could not be processed, if any (after the others)."""
+    args = parse_args(argv)
+    rt = dist_utils.setup(args.device, amp="none")  # fp32, as evaluate.py scores
+    log = print if rt.is_main else (lambda *a, **k: None)
+    out_dir = prepare_output(args.out)
+    predictor, checkpoint = open_model(args, rt.device, log)
+    files, unmatched = collect_images(args.inputs)
+    errors = unmatched if rt.is_main else []  # every rank finds them; rank 0 reports them
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    stems = output_stems(files)
+    todo = unfinished(out_dir, stems, args.overwrite)
+    log(f"{len(files)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
+        f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(predictor.scales) > 1 or args.tta else ''}"
+        f"{f', {rt.world_size} processes' if rt.world_size > 1 else ''})"
+        + (f"; {len(files) - len(todo)} already predicted, skipped (--overwrite redoes them)"
+           if len(todo) < len(files) else ""))
+    mine = [todo[i] for i in dist_utils.ShardSampler(len(todo), rt.rank, rt.world_size)]  # every input once
+    written = predict_all(predictor, files, stems, mine, out_dir, args, errors)
+    written, failed = dist_utils.all_reduce_sum([written, len(errors)], rt.device)
+    log(f"wrote {int(written)} mask(s) and overlay(s) to {out_dir}/")
+    dist_utils.cleanup()
+    if errors:
+        sys.exit(f"{len(errors)} input(s) could not be processed:\n  " + "\n  ".join(errors))
+    if failed:
+        sys.exit(f"{int(failed)} input(s) could not be processed (another process named them above)")
+    return 0
+
+
+def parse_args(argv: Optional[list]) -> argparse.Namespace:
+    """The arguments, with the counts in range (else the program ends)."""
+    args = get_args_parser().parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         sys.exit(f"error: --batch-size must be 1 or more and --workers 0 or more "
                  f"(got {args.batch_size} and {args.workers})")
+    return args
 
 
-    def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
-        """Image paths from files, folders and globs (in the order given), and the inputs that matched nothing."""
-        found, missing = [], []
-        for item in inputs:
-            path = Path(item)
-            if path.is_dir():
-                matches = [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                           and not p.name.lower().endswith(MASK_SUFFIX)]  # a data folder holds masks next to images
-            elif path.exists():
-                matches = [path]
-            elif glob.has_magic(item):
-                matches = [Path(p) for p in sorted(glob.glob(item)) if Path(p).is_file()]
-            else:
-                matches = []
-            if not matches:
-                missing.append(f"{item}: no such file, no image in that folder, or no file matches")
-            found += [p for p in matches if p not in found]
-        return found, missing
-
-
-    def output_stems(files: list[Path]) -> list[str]:
-        """The NAME of each input's NAME_mask.png and NAME_overlay.jpg: a.jpg from two folders gives a, a-1."""
-        stems: list[str] = []
-        used: set[str] = set()
-        for path in files:
-            stem, n = path.stem, 1
-            while stem in used:
-                stem, n = f"{path.stem}-{n}", n + 1
-            stems.append(stem)
-            used.add(stem)
-        return stems
-
-
-    def check_targets(out_dir: Path, stems: list[str], overwrite: bool) -> None:
-        """Exit before any work if an output would replace a file infer.py did not write, or (without
-        --overwrite) an earlier prediction."""
-        existing = [p for stem in stems for p in (out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.jpg")
-                    if p.exists()]
-        foreign = [p for p in existing if not is_prediction(p)]
-        if foreign:
-            sys.exit(f"error: {foreign[0]} exists and was not written by infer.py ({len(foreign)} such file(s)); "
-                     f"it is never replaced: choose another --out")
-        if existing and not overwrite:
-            sys.exit(f"error: {out_dir} already holds predictions for these images (e.g. {existing[0].name}); "
-                     f"pass --overwrite to replace them, or choose another --out")
-
-
-    # -- output folder: checked before anything slow ----------------------------------------------------------
-    data_folder = split_folder_holding(args.out)
+def prepare_output(out: str) -> Path:
+    """The output folder, checked before anything slow: never inside a data folder, writable."""
+    data_folder = split_folder_holding(out)
     if data_folder is not None:
-        sys.exit(f"error: --out {args.out} is inside the data folder {data_folder}, whose NAME_mask.png files are "
+        sys.exit(f"error: --out {out} is inside the data folder {data_folder}, whose NAME_mask.png files are "
                  f"ground truth; write predictions elsewhere, e.g. --out predictions")
     try:
-        out_dir = prepare_dir(args.out, "--out")
+        return prepare_dir(out, "--out")
     except OutputError as e:
         sys.exit(f"error: {e}")
 
-    # -- checkpoint ------------------------------------------------------------------------------------------
+
+def open_model(args: argparse.Namespace, device, log) -> tuple[Predictor, Path]:
+    """The Predictor of --checkpoint (or of the newest finished run) on device, and that file's path."""
     try:
-        predictor, checkpoint, picked = open_predictor(args.checkpoint, args.device, args.tta, args.scales,
+        predictor, checkpoint, picked = open_predictor(args.checkpoint, device, args.tta, args.scales,
                                                        args.window, args.batch_size, args.trust_artefact)
     except (CheckpointError, ValueError) as e:  # no checkpoint, an unreadable one, a bad --window or --scales
         sys.exit(f"error: {e}")
     if picked:
-        print(f"using {checkpoint}, from the newest finished run (--checkpoint chooses another)")
-    from segpipe.visualize import colorize, overlay  # after the checks: a wrong --checkpoint answers fast
+        log(f"using {checkpoint}, from the newest finished run (--checkpoint chooses another)")
+    return predictor, checkpoint
 
-    # -- inputs ------------------------------------------------------------------------------------------------
-    files, errors = collect_images(args.inputs)
-    for message in errors:
-        print(f"error: {message}", file=sys.stderr)
-    stems = output_stems(files)
-    check_targets(out_dir, stems, args.overwrite)
+
+def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Image paths from files, folders and globs (in the order given), and the inputs that matched nothing."""
+    found, missing = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            matches = [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                       and not p.name.lower().endswith(MASK_SUFFIX)]  # a data folder holds masks next to images
+        elif path.exists():
+            matches = [path]
+        elif glob.has_magic(item):
+            matches = [Path(p) for p in sorted(glob.glob(item)) if Path(p).is_file()]
+        else:
+            matches = []
+        if not matches:
+            missing.append(f"{item}: no such file, no image in that folder, or no file matches")
+        found += [p for p in matches if p not in found]
+    return found, missing
+
+
+def output_stems(files: list[Path]) -> list[str]:
+    """The NAME of each input's NAME_mask.png and NAME_overlay.jpg: a.jpg from two folders gives a, a-1."""
+    stems: list[str] = []
+    used: set[str] = set()
+    for path in files:
+        stem, n = path.stem, 1
+        while stem in used:
+            stem, n = f"{path.stem}-{n}", n + 1
+        stems.append(stem)
+        used.add(stem)
+    return stems
+
+
+def unfinished(out_dir: Path, stems: list[str], overwrite: bool) -> list[int]:
+    """The positions of the inputs still to predict: all with --overwrite, else those without both outputs.
+
+    Outputs are written under a temporary name and renamed, so one that exists is complete: a rerun after a
+    stop or preemption goes on where the last one ended. Exits before any work if an output name holds a file
+    infer.py did not write (it is never replaced)."""
+    outputs = [(out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.jpg") for stem in stems]
+    foreign = [p for pair in outputs for p in pair if p.exists() and not is_prediction(p)]
+    if foreign:
+        sys.exit(f"error: {foreign[0]} exists and was not written by infer.py ({len(foreign)} such file(s)); "
+                 f"it is never replaced: choose another --out")
+    return [i for i, pair in enumerate(outputs) if overwrite or not all(p.exists() for p in pair)]
+
+
+def predict_all(predictor: Predictor, files: list[Path], stems: list[str], positions: list[int], out_dir: Path,
+                args: argparse.Namespace, errors: list[str]) -> int:
+    """Decode files[positions] in loader workers, predict in batches, write each mask and overlay; returns how many
+    were written. Inputs that cannot be decoded are added to errors."""
     palette, classes = predictor.palette, predictor.classes
-    print(f"{len(files)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
-          f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(predictor.scales) > 1 or args.tta else ''})")
-
-    # -- predict -----------------------------------------------------------------------------------------------
-    workers = args.workers if len(files) >= 2 * args.batch_size else 0  # starting workers costs more than it saves
-    loader = DataLoader(ImageFiles(files), args.batch_size, num_workers=workers, collate_fn=list)
+    workers = args.workers if len(positions) >= 2 * args.batch_size else 0  # starting workers costs more than it saves
+    loader = DataLoader(Subset(ImageFiles(files), positions), args.batch_size, num_workers=workers, collate_fn=list)
     written = 0
-    bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=True if len(files) < 2 else None)  # tty only
+    bar = tqdm(total=len(positions), unit="image", file=sys.stderr, disable=True if len(positions) < 2 else None)
     for batch in loader:
         bar.update(len(batch))
         for _, _, error in batch:
@@ -148,17 +188,19 @@ if __name__ == "__main__":
         preds = predictor.predict_batch([image for _, image in decoded])
         seconds = (time.perf_counter() - tic) / len(decoded)
         for (i, image), pred in zip(decoded, preds):
-            path, stem = files[i], stems[i]
             labels = pred.numpy().astype("uint8" if predictor.num_classes <= 256 else "int32")
-            save_prediction(colorize(labels, palette), out_dir / f"{stem}_mask.png")
+            save_prediction(colorize(labels, palette), out_dir / f"{stems[i]}_mask.png")
             save_prediction(overlay(image, labels, palette, classes, alpha=args.alpha).convert("RGB"),
-                            out_dir / f"{stem}_overlay.jpg", quality=90)
+                            out_dir / f"{stems[i]}_overlay.jpg", quality=90)
             written += 1
             shares = sorted(enumerate(class_shares(pred, predictor.num_classes)), key=lambda kv: -kv[1])
             summary = ", ".join(f"{classes[c]} {share:.1%}" for c, share in shares if share > 0)
-            tqdm.write(f"{path}  {image.width}x{image.height}  {seconds * 1000:.0f} ms  {summary}")
+            tqdm.write(f"{files[i]}  {image.width}x{image.height}  {seconds * 1000:.0f} ms  {summary}")
     bar.close()
+    return written
 
-    print(f"wrote {written} mask(s) and overlay(s) to {out_dir}/")
-    if errors:
-        sys.exit(f"{len(errors)} input(s) could not be processed:\n  " + "\n  ".join(errors))
+
+# A DataLoader worker started with spawn or forkserver (macOS, Windows, Python >= 3.14) imports this file
+# again as __mp_main__: nothing above runs on import.
+if __name__ == "__main__":
+    sys.exit(main())

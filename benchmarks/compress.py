@@ -33,15 +33,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.hardware import describe  # noqa: E402
-from segpipe.compress.artefact import (Bf16Autocast, build_float_model, compressed_checkpoint,  # noqa: E402
-                                       model_from_checkpoint, read_checkpoint, write_checkpoint)
-from segpipe.compress.int8 import load_int8, quantize_int8, save_int8  # noqa: E402
+from segpipe.checkpoint import META_KEYS, make_checkpoint, save_checkpoint  # noqa: E402
+from segpipe.compress.bf16 import Bf16Autocast  # noqa: E402
+from segpipe.compress.int8 import quantize_int8, save_int8  # noqa: E402
 from segpipe.compress.quality import (calibration_images, labelled_images, mean_iou,  # noqa: E402
                                       pixel_agreement, predict_classes)
 from segpipe.compress.structured import PruningError, prune_channels  # noqa: E402
 from segpipe.compress.unstructured import prune_unstructured  # noqa: E402
 from segpipe.export import export_model, quantize_model, with_metadata, write_model  # noqa: E402
-from segpipe.models import MODEL_NAMES  # noqa: E402
+from segpipe.model_files import load_model  # noqa: E402
+from segpipe.models import MODEL_NAMES, build_model  # noqa: E402
 from segpipe.onnx_runtime import load_onnx  # noqa: E402
 
 FP32, FP32_CL, ORT_FP32 = "fp32 eager", "fp32 channels_last", "ONNX Runtime fp32"
@@ -80,18 +81,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_float(args: argparse.Namespace) -> tuple[nn.Module, dict]:
-    """The fp32 model and its checkpoint dict (a synthetic one for random init)."""
+    """The fp32 model and its metadata (made up for random init)."""
     if args.checkpoint:
-        checkpoint = read_checkpoint(args.checkpoint)
-        return model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint
+        return load_model(args.checkpoint)
     print("NOTE: no --checkpoint: a RANDOMLY INITIALISED model. Latency, size and parameter counts are real; "
           "agreement is only indicative and mIoU is meaningless.", flush=True)
     torch.manual_seed(0)
-    model = build_float_model(args.model, CAMVID_CLASSES)
-    checkpoint = {"format": "segpipe-checkpoint", "version": 1, "model_name": args.model,
-                  "num_classes": CAMVID_CLASSES, "classes": [f"class_{i}" for i in range(CAMVID_CLASSES)],
-                  "ignore_index": CAMVID_VOID, "model": model.state_dict(),
-                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "eval_size": None}
+    model = build_model(args.model, CAMVID_CLASSES)
+    checkpoint = {"model_name": args.model, "model_options": {}, "num_classes": CAMVID_CLASSES,
+                  "classes": [f"class_{i}" for i in range(CAMVID_CLASSES)], "palette": None,
+                  "ignore_index": CAMVID_VOID, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                  "eval_size": None, "config": {}}
     if getattr(model, "aux_classifier", None) is not None:
         model.aux_classifier = None
     return model.eval(), checkpoint
@@ -109,7 +109,8 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
 
     def save_float(name: str, m: nn.Module, compression: dict) -> Path:
         path = folder / f"{name}.pth"
-        write_checkpoint(compressed_checkpoint(checkpoint, m, compression), path)
+        save_checkpoint(make_checkpoint(m.state_dict(), {k: checkpoint[k] for k in META_KEYS}, compression=compression),
+                        path)
         return path
 
     fp32_file = save_float("fp32", model, {"method": "none"})
@@ -123,7 +124,7 @@ def build_variants(model: nn.Module, checkpoint: dict, args: argparse.Namespace,
     program = quantize_int8(model, calibration)
     int8_file = folder / "int8.pt2"
     save_int8(program, int8_file, {"model_name": checkpoint["model_name"], "compression": {"method": "int8"}})
-    int8, _ = load_int8(int8_file, compile=True, trust=True)
+    int8, _ = load_model(int8_file, trust_artefact=True)
     print(f"  int8: calibrated on {len(calibration)} training images, quantized and saved in "
           f"{time.perf_counter() - t:.0f} s (compiles on first call)", flush=True)
     add("int8 (PT2E, compiled)", int8, int8_file)

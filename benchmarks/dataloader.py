@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.hardware import describe  # noqa: E402
 from segpipe.config import load_config  # noqa: E402
 from segpipe.data import FileIndex, MaskDecoder, SegmentationDataset, load_index  # noqa: E402
-from segpipe.transforms import BlurNormalizeBatch, RandomScaleCrop, ToNormalizedFloat, train_transform  # noqa: E402
+from segpipe.transforms import SIGMA, PIXEL_PARAMS, PixelOps, TrainAugment, train_transform  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,16 +63,23 @@ def stage_times(dataset: SegmentationDataset, cfg, n: int, repeats: int) -> dict
     """CPU ms per sample of each step of the train pipeline, measured alone (process time: other jobs on a
     shared machine barely change it), fastest of `repeats` passes over n samples."""
     pairs = [dataset.load(i) for i in range(n)]
-    crop = RandomScaleCrop(cfg.crop_size, cfg.scale_range, cfg.ignore_index, base_size=cfg.train_size)
-    crops = [crop(*p) for p in pairs]
-    normalise = ToNormalizedFloat(cfg.mean, cfg.std)
-    blur_normalise = ToNormalizedFloat(cfg.mean, cfg.std, cfg.blur_kernel, cfg.blur_sigma, 1.0)
+    augment, whole = TrainAugment(cfg, pixels_on_device=True), train_transform(cfg)
+    draws = [augment.draw(image.shape[-2:]) for image, _ in pairs]
+    crops = [(augment.scale_crop(image, d), augment.scale_crop(mask, d)) for (image, mask), d in zip(pairs, draws)]
+    pixel_ops = PixelOps(cfg.mean, cfg.std, cfg.blur_kernel)
+    unblurred, blurred = torch.zeros(n, PIXEL_PARAMS), torch.zeros(n, PIXEL_PARAMS)
+    blurred[:, SIGMA] = torch.empty(n).uniform_(*cfg.blur_sigma)
+
+    def scale_crop(i: int) -> tuple:
+        drawn = augment.draw(pairs[i][0].shape[-2:])
+        return augment.scale_crop(pairs[i][0], drawn), augment.scale_crop(pairs[i][1], drawn)
+
     steps = {"decode image + mask": lambda i: dataset.load(i),
-             "random scale + crop": lambda i: crop(*pairs[i]),
+             "random scale + crop": scale_crop,
              "horizontal flip": lambda i: v2.RandomHorizontalFlip(cfg.hflip_prob)(*crops[i]),
-             "to float + normalise": lambda i: normalise(*crops[i]),
-             "Gaussian blur + to float + normalise": lambda i: blur_normalise(*crops[i]),
-             f"whole transform (blur p={cfg.blur_prob})": lambda i: train_transform(cfg)(*pairs[i])}
+             "to float + normalise": lambda i: pixel_ops(crops[i][0][None], unblurred[i:i + 1]),
+             "Gaussian blur + to float + normalise": lambda i: pixel_ops(crops[i][0][None], blurred[i:i + 1]),
+             f"whole transform (blur p={cfg.blur_prob})": lambda i: whole(*pairs[i])}
     best = {name: float("inf") for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
@@ -84,16 +91,16 @@ def stage_times(dataset: SegmentationDataset, cfg, n: int, repeats: int) -> dict
 
 
 def device_step_ms(deferred: SegmentationDataset, cfg, n: int, repeats: int) -> float:
-    """CPU ms per sample of BlurNormalizeBatch on batches of 8 (what the training step adds with augment_on=device)."""
+    """CPU ms per sample of PixelOps on batches of 8 (what the training step adds with augment_on=device)."""
     samples = [deferred[(i % len(deferred), i)] for i in range(n - n % 8 or 8)]
     batches = [(torch.stack([s[0] for s in samples[i:i + 8]]), torch.stack([s[2] for s in samples[i:i + 8]]))
                for i in range(0, len(samples), 8)]
-    step = BlurNormalizeBatch(cfg.mean, cfg.std, cfg.blur_kernel)
+    step = PixelOps.from_config(cfg)
     best = float("inf")
     for _ in range(repeats):
         start = time.process_time()
-        for images, sigmas in batches:
-            step(images, sigmas)
+        for images, params in batches:
+            step(images, params)
         best = min(best, (time.process_time() - start) / len(samples) * 1000)
     return best
 
@@ -160,7 +167,7 @@ def main() -> None:
     floor = SegmentationDataset(index, decoder, None)
     naive = SegmentationDataset(index, decoder, naive_transform(cfg))
     ours = SegmentationDataset(index, decoder, train_transform(cfg))
-    deferred = SegmentationDataset(index, decoder, train_transform(cfg, blur_on_device=True))
+    deferred = SegmentationDataset(index, decoder, train_transform(cfg, pixels_on_device=True))
 
     print(describe())
     print(f"# {cfg.root}, crop {cfg.crop_size}, scale {cfg.scale_range}, blur p={cfg.blur_prob}, 1 thread per process")
@@ -184,8 +191,9 @@ def main() -> None:
     print(f"\nsegpipe vs naive: {rates[segpipe] / rates[stock]:.2f}x by samples/s, "
           f"{cpu[stock] / cpu[segpipe]:.2f}x by CPU time (CPU time is what other jobs on a shared machine disturb least)")
 
-    print(f"blur + normalise of batches of 8 in the training step (data.augment_on=device), on this CPU: "
-          f"{device_step_ms(deferred, cfg, args.samples, args.repeats):.2f} CPU ms/sample")
+    print(f"pixel work (blur p={cfg.blur_prob}, normalise) of batches of 8 in the training step "
+          f"(data.augment_on=device), on this CPU: {device_step_ms(deferred, cfg, args.samples, args.repeats):.2f} "
+          f"CPU ms/sample")
 
     print("\n| step, one process | CPU ms/sample |")
     print("|---|---:|")

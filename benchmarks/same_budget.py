@@ -31,7 +31,7 @@ from benchmarks.train_step import make_step  # noqa: E402
 from segpipe.config import load_config  # noqa: E402
 from segpipe.data import load_index  # noqa: E402
 from segpipe.distributed import resolve_amp  # noqa: E402
-from segpipe.predict import load_model  # noqa: E402
+from segpipe.model_files import load_model  # noqa: E402
 
 SMALL_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist")
 DEFAULT_RUNS = ("unet:ce", "deeplabv3_resnet50:ce", "resnet50_convhead:ce", "resnet50_convhead:ce+dice")

@@ -1,13 +1,23 @@
-"""Atomic checkpoint saves, safe loads (weights_only=True), self-describing contents."""
+"""The checkpoint format: its keys (declared once), building and checking it, atomic saves, safe loads.
+
+A checkpoint is a dict of plain types written by torch.save and read with weights_only=True:
+  "format", "version", "versions"      what wrote it;
+  META_KEYS                            what rebuilds the network and predicts with it (no config file needed);
+  "model"                              the weights;
+  TRAINING_KEYS                        last.pt/best.pt of train.py only: enough to continue the run;
+  "compression"                        pruned or bf16 files only: what segpipe.compress did (see model_files).
+int8 .pt2 archives carry the same metadata as JSON inside (segpipe/compress/int8.py).
+"""
 from __future__ import annotations
 
 import errno
 import json
 import os
 import secrets
+import shutil
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy
 import PIL
@@ -22,6 +32,54 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used or written, with the reason and the fix."""
 
 
+VERSION = 1
+# What rebuilds the network and turns its output into class maps; every model file carries these.
+META_KEYS = ("model_name", "model_options", "num_classes", "classes", "palette", "ignore_index", "mean", "std",
+             "eval_size", "config")
+_OPTIONAL_META = ("model_options", "palette", "config")  # older files may lack them
+# What last.pt holds besides, to continue a run where it stopped (train.py writes them; resume reads them).
+TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "step", "samples_done", "world_size", "global_batch",
+                 "best_miou", "miou")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_miou")  # needed; the rest: defaults
+
+
+def make_checkpoint(model_state: dict, meta: dict, training: Optional[dict] = None,
+                    compression: Optional[dict] = None) -> dict:
+    """The checkpoint dict: metadata (exactly META_KEYS), weights, and optionally training state (exactly
+    TRAINING_KEYS) and a compression record."""
+    _exactly(meta, META_KEYS, "metadata")
+    ckpt = {"format": FORMAT, "version": VERSION, **{k: meta[k] for k in META_KEYS}, "model": model_state,
+            "versions": versions()}
+    if training is not None:
+        _exactly(training, TRAINING_KEYS, "training state")
+        ckpt.update(training)
+    if compression:
+        ckpt["compression"] = compression
+    return ckpt
+
+
+def _exactly(given: dict, keys: tuple, what: str) -> None:
+    if set(given) != set(keys):
+        raise ValueError(f"checkpoint {what}: missing {sorted(set(keys) - set(given))}, "
+                         f"unknown {sorted(set(given) - set(keys))}")
+
+
+def metadata(ckpt: dict, path: str | Path) -> dict:
+    """The checked META_KEYS of a checkpoint (or of an artefact's metadata), plus its compression record.
+
+    Raises CheckpointError when a required key is missing or the class list does not fit num_classes."""
+    missing = [k for k in META_KEYS if k not in ckpt and k not in _OPTIONAL_META]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was not written by segpipe's train.py "
+                              f"(raw weights go to training as model.weights={path})")
+    if len(ckpt["classes"]) != ckpt["num_classes"]:
+        raise CheckpointError(f"{path}: num_classes={ckpt['num_classes']} but {len(ckpt['classes'])} class "
+                              f"names; the file was edited or is damaged")
+    meta = {k: ckpt.get(k) for k in META_KEYS}
+    meta["config"], meta["model_options"] = meta["config"] or {}, meta["model_options"] or {}
+    return meta | {"compression": ckpt.get("compression")}
+
+
 def versions() -> dict:
     """Library versions recorded in every checkpoint."""
     from segpipe import __version__
@@ -32,6 +90,16 @@ def versions() -> dict:
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     """Write obj to path via a temp file in the same folder and os.replace: a kill or a full disk never leaves half
     a file, and the previous checkpoint stays until the new one is complete."""
+    _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def copy_checkpoint(source: str | Path, path: str | Path) -> None:
+    """Copy a just-written checkpoint file (best.pt from last.pt), as atomically as save_checkpoint writes."""
+    with open(source, "rb") as src:
+        _write_atomically(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+
+
+def _write_atomically(path: str | Path, write: Callable) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
@@ -40,7 +108,7 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
     try:
         # os.open with 0o666 lets the umask set the permissions, as for every other output (mkstemp would give 0600).
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -100,10 +168,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a segpipe checkpoint (no format={FORMAT!r} entry); "
                               f"raw weights go to training as model.weights={path}")
     return obj
-
-
-# What train.py's last.pt holds besides the metadata, to continue a run where it stopped.
-RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_miou")
 
 
 def _resume_fix(path: str | Path) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,18 +41,50 @@ def one_of(choices: tuple) -> dict:
     return {"allowed": (lambda v: v in choices, f"one of {', '.join(choices)}"), "choices": choices}
 
 
+def some_of(choices: tuple) -> dict:
+    """Field metadata: one of these words, or a list of distinct ones (the value's words are checked in _build)."""
+    return {"allowed": (lambda v: v in choices if isinstance(v, str) else len(set(v)) == len(v),
+                        f"one of {', '.join(choices)}, or a list of them without repeats"), "each_of": choices}
+
+
 # The words a key accepts, declared once: the fields below and the modules that act on them use these.
 MASK_FORMATS = ("index", "rgb")
 AUGMENT_ON = ("auto", "workers", "device")
 OPTIMIZERS = ("sgd", "adamw")
 LOSSES = ("ce", "dice", "ce+dice")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+SIZE_UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+              "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_size(text: Union[str, int]) -> int:
+    """Bytes in a size such as 256MB, 20GB, 1.5TiB or 1000000 (decimal units, or binary with an i); ValueError else."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if not match or (unit and unit not in SIZE_UNITS):
+        raise ValueError(f"{text!r} is not a size; write it as 256MB, 20GB or 1.5TiB")
+    return int(float(match.group(1)) * SIZE_UNITS[unit or "B"])
+
+
+def _positive_size(v) -> bool:
+    try:
+        return parse_size(v) > 0
+    except ValueError:
+        return False
+
+
+BYTE_SIZE = allowed(_positive_size, "a size above 0 such as 500MB, 20GB or 1.5TiB")
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # segpipe.tracking has one backend for each
 CLASS_WEIGHTS = allowed(lambda v: v == "median_freq" or (isinstance(v, list) and all(_number(x) and x >= 0 for x in v)),
                         "median_freq or a list of one weight (a number >= 0) per class")
 
 
 @dataclass
 class DataConfig:
+    # A folder holding train/ and valid/, or a shard descriptor written by `python -m segpipe.shards write`:
+    # its path (OUT/shards.json) or URL (https://, http://, s3://, gs://; needs pip install segpipe[shards]).
     root: str = "data"
     # None: discovered from the training masks once and stored in the index (named class_0, ...).
     classes: Optional[list] = None
@@ -69,21 +102,32 @@ class DataConfig:
     blur_kernel: int = field(default=5, metadata=allowed(lambda v: v > 0 and v % 2 == 1, "an odd number above 0"))
     blur_sigma: list = field(default_factory=lambda: [0.1, 2.0], metadata=RANGE)
     color_jitter: float = field(default=0.0, metadata=AT_LEAST_0)  # strength for brightness/contrast/saturation; 0 disables
-    # Where blur + normalisation run: workers (the loader), device (the training step, on the batch), or
-    # auto (device when training on a GPU and color_jitter is off, else workers).
+    # Where the pixel work (blur, colour jitter, normalisation) runs: workers (the loader), device (the training
+    # step, on the batch), or auto (device when training on a GPU, else workers).
     augment_on: str = field(default="auto", metadata=one_of(AUGMENT_ON))
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: Union[int, str] = "auto"  # loader processes per training process; auto: what the CPUs allow
-    cache_dir: Optional[str] = None  # where the file index goes if ROOT is read-only
+    cache_dir: Optional[str] = None  # where the file index goes if ROOT is read-only, and where remote shards are cached
+    cache_limit: Union[str, int] = field(default="20GB", metadata=BYTE_SIZE)  # disk for cached remote shards, LRU
+    # Shards whose samples are shuffled together (their order is shuffled too); a window covering every shard
+    # gives exactly the order of the same data as a folder.
+    shuffle_window: int = field(default=4, metadata=AT_LEAST_1)
     skip_unpaired: bool = False  # images without a mask: False = stop with an error, True = warn and skip
     synthetic: bool = False  # generate the built-in synthetic street scenes at data.root if missing
+
+
+WHOLE_MODEL_WEIGHTS = allowed(lambda v: v != "imagenet", "none, coco, a torchvision weights name or a file: ImageNet "
+                                                       "weights are for the backbone, model.weights_backbone=imagenet")
 
 
 @dataclass
 class ModelConfig:
     name: str = "deeplabv3_resnet50"
-    weights: str = "none"  # none | imagenet | coco | path/to/weights.pth
+    # The whole model's weights: none | coco | another name of torchvision's weights enum for the model (DEFAULT,
+    # ...) | path/to/file.pth (a state dict or segpipe checkpoint; the tensors that fit are loaded).
+    weights: str = field(default="none", metadata=WHOLE_MODEL_WEIGHTS)
+    weights_backbone: str = "none"  # the backbone's: none | imagenet | path/to/file.pth (torchvision's ImageNet file)
     aux_weight: float = 0.5  # weight of the auxiliary head's loss, where the model has one
     sync_bn: bool = True  # only applies on CUDA with world size > 1
     channels_last: bool = True
@@ -119,8 +163,12 @@ class TrainConfig:
     resume: Optional[str] = None  # None | auto | path/to/last.pt
     init_from: Optional[str] = None  # start from these model weights (e.g. a pruned artefact)
     val_every: int = field(default=1, metadata=AT_LEAST_1)  # epochs between validations
-    log_every: int = field(default=20, metadata=AT_LEAST_1)  # steps between plain log lines and TensorBoard scalars
-    num_vis: int = field(default=4, metadata=AT_LEAST_0)  # image | truth | prediction panels written to TensorBoard per validation
+    log_every: int = field(default=20, metadata=AT_LEAST_1)  # steps between plain log lines and tracked scalars
+    num_vis: int = field(default=4, metadata=AT_LEAST_0)  # image | truth | prediction panels tracked per validation
+    # Where rank 0 logs params, scalars, panels and (MLflow, W&B) the final artefacts: one of TRACKERS or a list,
+    # e.g. [tensorboard, mlflow]; [] logs nowhere. MLflow and W&B are optional packages (pip install mlflow / wandb).
+    tracker: Union[str, list] = field(default="tensorboard", metadata=some_of(TRACKERS))
+    experiment: Optional[str] = None  # MLflow experiment / W&B project; None: the name of output_dir's folder
     backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
     # How long a rank waits for the others in a collective before failing (a first index scan on a network
     # file system can take minutes while the other ranks wait).
@@ -238,6 +286,12 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             choices = fields[key].metadata.get("choices")
             if choices is not None and value not in choices:
                 raise ConfigError(f"{dotted}={value!r}; choose one of {', '.join(choices)}")
+            each_of = fields[key].metadata.get("each_of")  # a word or a list of words, each one of these
+            words = [value] if isinstance(value, str) else value
+            unknown = [word for word in words if word not in each_of] if each_of else []
+            if unknown:
+                raise ConfigError(f"{dotted}={value!r}: {unknown[0]!r} is not one of {', '.join(each_of)}; give one "
+                                  f"of them or a list, e.g. {dotted}=[{each_of[0]},{each_of[1]}]")
             check, wanted = fields[key].metadata.get("allowed", (None, None))
             if check is not None and kwargs[key] is not None and not _passes(check, kwargs[key]):
                 raise ConfigError(f"{dotted}={value!r} is not allowed; it must be {wanted}")

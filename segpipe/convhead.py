@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
 
-from segpipe.backbones import build_resnet
+from segpipe.backbones import ResNetFeatures, build_resnet
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
@@ -38,16 +37,19 @@ class ConvHeadSegmenter(nn.Module):
 DILATION_FOR_OUTPUT_STRIDE = {8: [False, True, True], 16: [False, False, True]}
 
 
-def build_resnet50_convhead(
-    num_classes: int, weights: str = "none", output_stride: int = 8, depth: int = 3, width: int = 256
-) -> nn.Module:
-    """Build the paper's custom model; weights apply to the ResNet-50 backbone only."""
+def build_resnet50_convhead(num_classes: int, weights: str = "none", weights_backbone: str = "none",
+                            output_stride: int = 8, head_depth: int = 3, head_width: int = 256) -> nn.Module:
+    """Build the paper's custom model; weights_backbone applies to the ResNet-50 (no whole-model weights exist)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if output_stride not in DILATION_FOR_OUTPUT_STRIDE:
         raise ValueError(f"output_stride must be one of {sorted(DILATION_FOR_OUTPUT_STRIDE)}, got {output_stride}")
-    if depth < 0 or width < 1:
-        raise ValueError(f"need depth >= 0 and width >= 1, got depth={depth}, width={width}")
-    resnet = build_resnet("resnet50", weights, replace_stride_with_dilation=DILATION_FOR_OUTPUT_STRIDE[output_stride])
-    backbone = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
-    return ConvHeadSegmenter(backbone, in_channels=2048, num_classes=num_classes, depth=depth, width=width)
+    if head_depth < 0 or head_width < 1:
+        raise ValueError(f"need head_depth >= 0 and head_width >= 1, got {head_depth} and {head_width}")
+    if weights != "none":
+        raise ValueError(f"model.weights={weights} is not available for resnet50_convhead (no whole-model weights "
+                         f"exist); use none, model.weights_backbone=imagenet, or a local file")
+    resnet = build_resnet("resnet50", weights_backbone,
+                          replace_stride_with_dilation=DILATION_FOR_OUTPUT_STRIDE[output_stride])
+    backbone = ResNetFeatures(resnet, return_layers={"layer4": "out"})
+    return ConvHeadSegmenter(backbone, in_channels=2048, num_classes=num_classes, depth=head_depth, width=head_width)

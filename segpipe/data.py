@@ -7,7 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import BinaryIO, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ INDEX_VERSION = 2
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")  # grayscale PNGs with more than 8 bits per pixel
+Source = Union[str, BinaryIO]  # a file's path, or its bytes as a file object (a member of a shard)
 
 
 class DataError(ValueError):
@@ -50,6 +51,24 @@ class FileIndex:
         stem = os.path.join(self.split_dir, self.names[i].decode())
         mask = MASK_SUFFIX if self.mask_suffixes is None else self.mask_suffixes[i].decode()
         return stem + self.exts[i].decode(), stem + mask
+
+    def image_source(self, i: int) -> tuple[Source, str]:
+        """(image i for read_image, the name errors give it): here its path twice (a ShardIndex gives bytes)."""
+        path = self.paths(i)[0]
+        return path, path
+
+    def mask_source(self, i: int) -> tuple[Source, str]:
+        """(mask i for read_mask, its name)."""
+        path = self.paths(i)[1]
+        return path, path
+
+    def sources(self, i: int) -> tuple[tuple[Source, str], tuple[Source, str]]:
+        """(image_source(i), mask_source(i))."""
+        return self.image_source(i), self.mask_source(i)
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """The (height, width) of image i as displayed, from its header."""
+        return image_size(self.paths(i)[0])
 
 
 def index_path(split_dir: Path, cache_dir: Optional[str]) -> Path:
@@ -215,14 +234,16 @@ def rgb_codes(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
-def read_image(path: str, min_size: Optional[tuple[int, int]] = None) -> tuple[Image.Image, tuple[int, int]]:
+def read_image(path: Source, min_size: Optional[tuple[int, int]] = None,
+               name: Optional[str] = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode an RGB image as viewers show it; JPEGs decode at a reduced DCT scale when min_size (h, w) is at most half.
 
     The EXIF orientation is applied (cameras store portrait photos sideways and flag them; annotation tools
     draw masks on the turned view), and 16-bit grayscale is scaled to 8 bits. Returns the image and its
-    full-resolution (width, height) as displayed, which its mask must match.
+    full-resolution (width, height) as displayed, which its mask must match. path may be a file object, then
+    errors name it by `name`.
     """
-    with _image_errors(path):
+    with _image_errors(name or path):
         img = Image.open(path)
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         swaps = orientation in SWAPPING_ORIENTATIONS
@@ -242,9 +263,9 @@ def read_image(path: str, min_size: Optional[tuple[int, int]] = None) -> tuple[I
     return img, stored
 
 
-def image_size(path: str) -> tuple[int, int]:
+def image_size(path: Source, name: Optional[str] = None) -> tuple[int, int]:
     """The (height, width) of an image as read_image shows it (EXIF orientation applied), from its header alone."""
-    with _image_errors(path), Image.open(path) as img:
+    with _image_errors(name or path), Image.open(path) as img:
         swaps = img.getexif().get(ExifTags.Base.Orientation, 1) in SWAPPING_ORIENTATIONS
         return (img.width, img.height) if swaps else (img.height, img.width)
 
@@ -276,21 +297,60 @@ def worker_message(error: Exception) -> str:
     return text
 
 
-def read_mask(path: str, decoder: MaskDecoder) -> np.ndarray:
-    """Decode and validate a mask file into class indices."""
+def open_mask(path: Source, name: Optional[str] = None) -> Image.Image:
+    """A mask file decoded as stored (no class check); DataError naming it when missing or unreadable."""
+    name = name or path
     try:
         mask = Image.open(path)
         mask.load()
     except FileNotFoundError:
-        raise DataError(f"{path} is missing; the file index is stale or the mask was removed. "
+        raise DataError(f"{name} is missing; the file index is stale or the mask was removed. "
                         f"Restore the mask or remove its image") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode the mask ({e}); re-export or remove it") from None
-    return decoder.decode(mask, path)
+        raise DataError(f"{name}: cannot decode the mask ({e}); re-export or remove it") from None
+    return mask
+
+
+def read_mask(path: Source, decoder: MaskDecoder, name: Optional[str] = None) -> np.ndarray:
+    """Decode and validate a mask file into class indices."""
+    return decoder.decode(open_mask(path, name), name or path)
+
+
+def check_same_size(stored: tuple[int, int], mask_hw: tuple[int, int], image_name: str, mask_name: str) -> None:
+    """An image (width, height as displayed) and its mask (height, width) must be the same size."""
+    if mask_hw != (stored[1], stored[0]):
+        raise DataError(f"{image_name} is {stored[0]}x{stored[1]} but its mask {mask_name} is "
+                        f"{mask_hw[1]}x{mask_hw[0]}; they must be the same size")
+
+
+def check_pair(image: Source, mask: Source, image_name: str, mask_name: str) -> tuple[int, int]:
+    """Decode an image and its mask fully, as training will, and check their sizes agree; the (height, width)."""
+    _, stored = read_image(image, name=image_name)
+    raw = open_mask(mask, mask_name)
+    check_same_size(stored, (raw.height, raw.width), image_name, mask_name)
+    return stored[1], stored[0]
+
+
+def load_pair(image: Source, mask: Source, decoder: MaskDecoder, decode_size: Optional[tuple[int, int]] = None,
+              image_name: Optional[str] = None, mask_name: Optional[str] = None
+              ) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    """An image and its mask decoded and checked into tensors (the JPEG at a reduced scale when decode_size allows)."""
+    image_name, mask_name = image_name or image, mask_name or mask
+    img, stored = read_image(image, decode_size, image_name)
+    labels = read_mask(mask, decoder, mask_name)
+    check_same_size(stored, labels.shape, image_name, mask_name)
+    if img.size != stored:  # decoded at a reduced DCT scale: bring the mask along
+        labels = np.asarray(Image.fromarray(labels).resize(img.size, Image.NEAREST))
+    tensor = tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    return tensor, tv_tensors.Mask(torch.from_numpy(np.array(labels)))  # a writable copy
 
 
 class SegmentationDataset(Dataset):
-    """Pairs of one split, decoded lazily in __getitem__ into (tv_tensors.Image uint8, tv_tensors.Mask)."""
+    """Pairs of one split, decoded lazily in __getitem__ into (tv_tensors.Image uint8, tv_tensors.Mask).
+
+    index: a FileIndex (a folder) or a segpipe.shards.ShardIndex (tar shards, local or remote): anything with
+    len, names and sources(i).
+    """
 
     def __init__(self, index: FileIndex, decoder: MaskDecoder, transform=None,
                  decode_size: Optional[tuple[int, int]] = None):
@@ -301,16 +361,8 @@ class SegmentationDataset(Dataset):
 
     def load(self, i: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         """Pair i, decoded and checked, before any transform."""
-        image_path, mask_path = self.index.paths(i)
-        img, stored = read_image(image_path, self.decode_size)
-        labels = read_mask(mask_path, self.decoder)
-        if labels.shape != (stored[1], stored[0]):
-            raise DataError(f"{image_path} is {stored[0]}x{stored[1]} but its mask {mask_path} is "
-                            f"{labels.shape[1]}x{labels.shape[0]}; they must be the same size")
-        if img.size != stored:  # decoded at a reduced DCT scale: bring the mask along
-            labels = np.asarray(Image.fromarray(labels).resize(img.size, Image.NEAREST))
-        image = tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        return image, tv_tensors.Mask(torch.from_numpy(np.array(labels)))  # a writable copy
+        (image, image_name), (mask, mask_name) = self.index.sources(i)
+        return load_pair(image, mask, self.decoder, self.decode_size, image_name, mask_name)
 
     def __getitem__(self, item):
         # A (index, seed) pair fixes the augmentation of this sample whatever the worker or resume point.
@@ -336,8 +388,8 @@ def class_pixel_stats(index: FileIndex, decoder: MaskDecoder, max_masks: int = 5
     present = np.zeros(decoder.num_classes, dtype=np.int64)
     picks = np.unique(np.linspace(0, len(index) - 1, min(max_masks, len(index))).astype(int))
     for i in picks:
-        path = index.paths(int(i))[1]
-        labels = read_mask(path, decoder).ravel()
+        mask, name = index.mask_source(int(i))
+        labels = read_mask(mask, decoder, name).ravel()
         c = np.bincount(labels[labels != decoder.ignore_index], minlength=decoder.num_classes)[:decoder.num_classes]
         counts += c
         present += np.where(c > 0, c.sum(), 0)

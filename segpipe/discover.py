@@ -24,7 +24,8 @@ import torch
 import yaml
 from PIL import Image
 
-from segpipe.data import DataError, FileIndex, rgb_codes, image_size, load_index
+from segpipe.data import DataError, FileIndex, rgb_codes
+from segpipe.shards import open_index
 
 MAX_CLASSES = 64  # more labels than this in a survey are not a class list anyone annotated
 RARE_PIXEL_SHARE = 1e-4  # below this share of the pixels read, a label is reported as rare, not made a class
@@ -106,8 +107,8 @@ def survey(index: FileIndex, max_masks: int = 500) -> dict:
     kinds: dict[str, str] = {}  # mask_format -> first file read with it
     read = 0
     for read, i in enumerate(picks, 1):
-        path = index.paths(int(i))[1]
-        labels = _read_labels(path, kinds)
+        mask, name = index.mask_source(int(i))
+        labels = _read_labels(mask, name, kinds)
         values, counts = np.unique(labels, return_counts=True)
         for v, c in zip(values.tolist(), counts.tolist()):
             pixels[v] = pixels.get(v, 0) + c
@@ -118,10 +119,11 @@ def survey(index: FileIndex, max_masks: int = 500) -> dict:
             "masks_total": len(index), "example": next(iter(kinds.values()))}
 
 
-def _read_labels(path: str, kinds: dict) -> np.ndarray:
-    """The raw labels of one mask (ids, or 24-bit RGB codes), checking its mode against the masks before it."""
+def _read_labels(source, path: str, kinds: dict) -> np.ndarray:
+    """The raw labels of one mask (ids, or 24-bit RGB codes), checking its mode against the masks before it;
+    source is its path or its bytes as a file object, path the name errors give it."""
     try:
-        with Image.open(path) as mask:
+        with Image.open(source) as mask:
             mask.load()
             mode = mask.mode
             if mode in RGB_MODES:
@@ -232,7 +234,7 @@ def apply_discovery(data_cfg, index: FileIndex) -> str:
 def typical_image_size(index: FileIndex, samples: int = 20) -> tuple[int, int]:
     """The median (height, width) of up to `samples` training images as displayed, read from their headers."""
     picks = np.unique(np.linspace(0, len(index) - 1, min(samples, len(index))).astype(int))
-    sizes = [image_size(index.paths(int(i))[0]) for i in picks]
+    sizes = [index.image_size(int(i)) for i in picks]  # shards: from the descriptor, no download
     h, w = np.median(np.asarray(sizes), axis=0)
     return int(h), int(w)
 
@@ -312,12 +314,13 @@ def has_cuda() -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m segpipe.discover", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", help="folder holding train/NAME.jpg + NAME_mask.png (and valid/)")
+    parser.add_argument("root", help="folder holding train/NAME.jpg + NAME_mask.png (and valid/), or a shard "
+                                     "descriptor (OUT/shards.json or its URL)")
     parser.add_argument("--out", help="write the config to this file (default: print it)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.add_argument("--ignore-index", type=int, help="index masks: the id that is void (default: 255 if present)")
     parser.add_argument("--max-masks", type=int, default=500, help="masks read, spread evenly over the split")
-    parser.add_argument("--cache-dir", help="where the file index goes if ROOT is read-only")
+    parser.add_argument("--cache-dir", help="where the file index goes if ROOT is read-only (and remote shards)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else None
     if out is not None:  # checked before the work, so a bad path costs nothing
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_masks < 1:
         sys.exit(f"error: --max-masks must be 1 or more, got {args.max_masks}")
     try:
-        index = load_index(args.root, "train", args.cache_dir)
+        index = open_index(args.root, "train", args.cache_dir)  # a folder, or a shard descriptor's path or URL
         found = detect(index, args.max_masks, args.ignore_index)
         size = typical_image_size(index)
     except DataError as e:

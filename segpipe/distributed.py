@@ -29,7 +29,7 @@ class Runtime:
     amp_dtype: Optional[torch.dtype]  # None = full fp32
     use_grad_scaler: bool  # fp16 on CUDA only
     channels_last: bool = False  # memory format of the model and its inputs
-    augment_on_device: bool = False  # blur + normalise the uint8 batch in the training step, not the workers
+    augment_on_device: bool = False  # the pixel work on the uint8 batch in the training step, not the workers
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -53,8 +53,7 @@ class Runtime:
 
 
 def setup(device: Optional[str] = None, backend: Optional[str] = None, amp: str = "auto",
-          channels_last: bool = False, timeout_s: float = 600.0, augment_on: str = "workers",
-          color_jitter: float = 0.0) -> Runtime:
+          channels_last: bool = False, timeout_s: float = 600.0, augment_on: str = "workers") -> Runtime:
     """Read RANK/LOCAL_RANK/WORLD_SIZE (torchrun) and join the process group; plain `python` is a world of one."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -73,7 +72,7 @@ def setup(device: Optional[str] = None, backend: Optional[str] = None, amp: str 
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None, **restart_store(timeout))
     amp_dtype, scaler = resolve_amp(amp, dev)
-    on_device = resolve_augment_on(augment_on, dev, color_jitter)
+    on_device = resolve_augment_on(augment_on, dev)
     return Runtime(rank, local_rank, world_size, dev, amp_dtype, scaler, channels_last, on_device)
 
 
@@ -112,15 +111,12 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[Optional[torch.dtype],
     return (torch.bfloat16, False) if cpu_bf16 else (None, False)
 
 
-def resolve_augment_on(mode: str, device: torch.device, color_jitter: float) -> bool:
-    """Whether data.augment_on puts blur + normalisation on the training device (True) or in the workers."""
+def resolve_augment_on(mode: str, device: torch.device) -> bool:
+    """Whether data.augment_on puts the pixel work (blur, colour jitter, normalisation) on the training device."""
     if mode not in AUGMENT_ON:
         raise ValueError(f"data.augment_on={mode!r}; choose one of {', '.join(AUGMENT_ON)}")
-    if mode == "device" and color_jitter > 0:
-        raise ValueError("data.augment_on=device cannot apply data.color_jitter, which needs [0, 1] colours "
-                         "before normalisation in the workers; set data.augment_on=workers (or auto)")
     if mode == "auto":  # a GPU does the per-pixel work in microseconds; on a CPU it competes with the model
-        return device.type == "cuda" and color_jitter == 0
+        return device.type == "cuda"
     return mode == "device"
 
 
@@ -182,9 +178,18 @@ def cleanup() -> None:
 
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     """Element-wise maximum over all ranks (used for stop flags every rank must agree on)."""
+    return _all_reduce(values, device, dist.ReduceOp.MAX)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over all ranks (counts of work done by each)."""
+    return _all_reduce(values, device, dist.ReduceOp.SUM)
+
+
+def _all_reduce(values: list[float], device: torch.device, op) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 
@@ -228,9 +233,13 @@ class SeededSampler(Sampler):
         """Optimizer steps in this epoch from global position start."""
         return max(0, self.num_samples - start) // (self.world_size * self.step_samples)
 
-    def __iter__(self):
+    def order(self) -> list[int]:
+        """This epoch's order of all samples (every rank computes the same)."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's shuffle
-        order = torch.randperm(self.num_samples, generator=g).tolist()
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def __iter__(self):
+        order = self.order()
         positions = range(self.start + self.rank, self.start + len(self) * self.world_size, self.world_size)
         indices = [order[p] for p in positions]
         for i in indices:
@@ -241,6 +250,46 @@ class SeededSampler(Sampler):
 
     def __len__(self) -> int:
         return self.steps(self.start) * self.step_samples
+
+
+class ShardWindowSampler(SeededSampler):
+    """SeededSampler over tar shards: the shard order is shuffled, and the samples inside each window of
+    `window` consecutive shards (of that order) are shuffled together, so a node reads a few shards at a time.
+
+    Shard k holds the samples sum(shard_sizes[:k]) ... in order. Everything else is SeededSampler's: the order is a
+    function of (seed, epoch) only, rank r takes global positions r, r + world, ... (all ranks read the same window
+    at once), every rank gets whole optimizer steps, the tail shorter than one global step is left out, and
+    set_epoch(epoch, start=samples_done) resumes on any world size. A window covering every shard gives exactly
+    SeededSampler's order (so shards and the same data as a folder train bitwise alike).
+    """
+
+    def __init__(self, shard_sizes: list[int], rank: int, world_size: int, seed: int, step_samples: int,
+                 window: int):
+        super().__init__(sum(shard_sizes), rank, world_size, seed, step_samples)
+        self.shard_sizes, self.window = [int(n) for n in shard_sizes], window
+
+    def order(self) -> list[int]:
+        if self.window >= len(self.shard_sizes):
+            return super().order()
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        starts = [0]
+        for n in self.shard_sizes:
+            starts.append(starts[-1] + n)
+        shards = torch.randperm(len(self.shard_sizes), generator=g).tolist()
+        order = []
+        for w in range(0, len(shards), self.window):
+            members = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in shards[w:w + self.window]])
+            order += members[torch.randperm(len(members), generator=g)].tolist()
+        return order
+
+
+def train_sampler(index, rank: int, world_size: int, seed: int, step_samples: int, window: int) -> SeededSampler:
+    """The training sampler for an index: ShardWindowSampler for shards (an index with shard_sizes), else
+    SeededSampler."""
+    sizes = getattr(index, "shard_sizes", None)
+    if sizes is None:
+        return SeededSampler(len(index), rank, world_size, seed, step_samples)
+    return ShardWindowSampler(sizes, rank, world_size, seed, step_samples, window)
 
 
 def report_failure(message: str) -> None:

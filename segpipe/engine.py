@@ -75,8 +75,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler
     (non-finite loss on any rank, stop requested on any rank) is all the synchronisation outside DDP's own;
     the loss is read on the host only at logging steps (log(scalars, step) gets the interval's mean).
     after_step() runs after each optimizer step.
-    device_augment(images, sigmas): with data.augment_on=device, batches are (uint8 images, masks, blur sigmas)
-    and this blurs and normalises them on the device.
+    device_augment(images, params): with data.augment_on=device, batches are (uint8 images, masks, pixel
+    parameters) and this does the pixel work (transforms.PixelOps) on the device; the parameters stay on the CPU.
     """
     model.train()
     usable = len(loader) // accum_steps * accum_steps
@@ -84,14 +84,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler
     nonfinite = torch.zeros((), device=rt.device)
     loss_sum, losses = torch.zeros((), device=rt.device), 0
     tic = time.perf_counter()
-    for micro, (images, masks, *sigmas) in enumerate(bar):
+    for micro, (images, masks, *pixel_params) in enumerate(bar):
         data_time = time.perf_counter() - tic
         if micro % accum_steps == 0:
             # Model randomness (dropout) differs across ranks and depends only on the step: resume is exact.
             torch.manual_seed(model_seed(seed, rt.rank, state.step))
         if device_augment is not None:
-            to = dict(device=rt.device, non_blocking=rt.pin_memory)
-            images = device_augment(images.to(**to), sigmas[0].to(**to))
+            images = device_augment(images.to(rt.device, non_blocking=rt.pin_memory), pixel_params[0])
         images, masks = rt.to_device(images), masks.to(rt.device, non_blocking=rt.pin_memory).long()
         last_micro = (micro + 1) % accum_steps == 0
         # DDP syncs gradients only on the micro-batch that ends an accumulation.

@@ -28,13 +28,12 @@ from torch import nn
 from torchvision import tv_tensors
 
 import segpipe
-from segpipe.checkpoint import CheckpointError
-from segpipe.compress.artefact import model_from_checkpoint, read_checkpoint
+from segpipe.checkpoint import META_KEYS, CheckpointError
 from segpipe.compress.quality import calibration_images, labelled_images, mean_iou, pixel_agreement, predict_classes
 from segpipe.data import DataError
+from segpipe.model_files import load_float_model
 from segpipe.onnx_runtime import FORMAT, MARKER, SUFFIX, OnnxError, OnnxModel, decode_metadata, import_onnxruntime
 from segpipe.outputs import OutputError, describe, prepare_file
-from segpipe.predict import META_KEYS
 from segpipe.transforms import EvalTransform
 
 MIN_AGREEMENT = 0.999  # share of validation pixels whose ONNX class must equal PyTorch's
@@ -214,8 +213,7 @@ def run_onnx(args: argparse.Namespace) -> None:
         prepare_file(path, "--out")
         check_replaceable(path)
     _import_onnx(), import_onnxruntime()
-    checkpoint = read_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(checkpoint, keep_aux=False).eval()
+    model, checkpoint = load_float_model(args.checkpoint)
     root = data_root(args, checkpoint)
     images, masks = labelled_images(checkpoint, root, "valid", args.images or None)
     if not images:

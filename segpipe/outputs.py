@@ -85,10 +85,16 @@ def is_prediction(path: str | Path) -> bool:
 
 
 def save_prediction(image: Image.Image, path: Path, **options) -> None:
-    """Save an infer.py output with PREDICTION_TAG, so a later run knows it may replace it."""
-    if path.suffix.lower() == ".png":
-        info = PngImagePlugin.PngInfo()
-        info.add_text(PREDICTION_TAG, "written by infer.py")
-        image.save(path, pnginfo=info, **options)
-    else:
-        image.save(path, comment=PREDICTION_TAG, **options)
+    """Save an infer.py output with PREDICTION_TAG, so a later run knows it may replace it. Written to a temporary
+    name and renamed: a file under the final name is always complete, so a rerun may skip it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if path.suffix.lower() == ".png":
+            info = PngImagePlugin.PngInfo()
+            info.add_text(PREDICTION_TAG, "written by infer.py")
+            image.save(tmp, format="PNG", pnginfo=info, **options)
+        else:
+            image.save(tmp, format="JPEG", comment=PREDICTION_TAG, **options)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

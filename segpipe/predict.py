@@ -12,14 +12,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from segpipe.checkpoint import FINISHED, CheckpointError, load_checkpoint, read_finished
+from segpipe.checkpoint import FINISHED, CheckpointError, read_finished
 from segpipe.data import DataError, read_image
-from segpipe.models import ModelError, build_model, resize_logits
+from segpipe.model_files import load_model
+from segpipe.models import resize_logits
 from segpipe.transforms import EvalTransform
 
-# What a Predictor needs besides the weights; train.py's checkpoint() and compress artefacts both carry it.
-META_KEYS = ("model_name", "model_options", "num_classes", "classes", "palette", "ignore_index", "mean", "std",
-             "eval_size")
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]  # PIL image, uint8 (H, W, 3) array or (3, H, W) tensor
 
 
@@ -89,64 +87,6 @@ def open_predictor(checkpoint: str | None, device: torch.device | str | None, tt
     return predictor, path, picked
 
 
-def load_model(path: str | Path, device: torch.device, trust_artefact: bool = False) -> tuple[nn.Module, dict]:
-    """The model (in eval mode, on device) and metadata of a segpipe checkpoint or a compressed artefact.
-
-    Checkpoints are read with weights_only=True (segpipe.checkpoint.load_checkpoint): a file from elsewhere
-    cannot run code. An int8 .pt2 archive can, so it loads only with trust_artefact=True (see compress/int8.py).
-    The architecture is rebuilt from the checkpoint's model_name and num_classes. An .onnx file (segpipe.export)
-    runs in ONNX Runtime; loading one runs no code from it (see segpipe/onnx_runtime.py).
-    """
-    if Path(path).suffix.lower() == ".onnx":
-        from segpipe.onnx_runtime import load_onnx  # lazily: onnxruntime is optional
-        model, meta = load_onnx(path, device)
-        return model, _check_meta(meta, path)
-    if _is_artefact(path):
-        from segpipe.compress import load_artefact
-        try:
-            model, meta = load_artefact(str(path), device=str(device), trust=trust_artefact)
-        except CheckpointError:
-            raise
-        except ValueError as e:  # e.g. an int8 artefact asked to run on CUDA
-            raise CheckpointError(f"{path}: {e}") from None
-        return model, _check_meta(dict(meta), path)  # compress has put it on device in eval mode
-    ckpt = load_checkpoint(path, map_location="cpu")
-    meta = _check_meta(ckpt, path)
-    if not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path} holds no model weights (no 'model' state dict); re-train or re-save it")
-    try:
-        model = build_model(meta["model_name"], meta["num_classes"], options=meta["model_options"])
-    except ModelError as e:
-        raise CheckpointError(f"{path}: {e}. The checkpoint comes from another segpipe version or was edited") from None
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        detail = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise CheckpointError(
-            f"{path}: its weights do not fit {meta['model_name']} with {meta['num_classes']} classes "
-            f"({detail[1] if len(detail) > 1 else detail[0]}); the file is damaged or was edited. "
-            f"Re-train it or pass another --checkpoint") from None
-    if getattr(model, "aux_classifier", None) is not None:
-        model.aux_classifier = None  # a training-only head: prediction reads "out" alone
-    return model.to(device).eval(), meta
-
-
-def _is_artefact(path: str | Path) -> bool:
-    from segpipe.compress import is_artefact  # lazily: plain checkpoints need none of compress's imports
-    return is_artefact(path)
-
-
-def _check_meta(meta: dict, path: str | Path) -> dict:
-    missing = [k for k in META_KEYS if k not in meta and k not in ("palette", "model_options")]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was not written by segpipe's train.py "
-                              f"(raw weights go to training as model.weights={path})")
-    if len(meta["classes"]) != meta["num_classes"]:
-        raise CheckpointError(f"{path}: num_classes={meta['num_classes']} but {len(meta['classes'])} class "
-                              f"names; the file was edited or is damaged")
-    return {k: meta.get(k) for k in META_KEYS} | {"config": meta.get("config") or {}}
-
-
 def parse_window(value: Optional[str], meta: dict) -> Optional[tuple[int, int]]:
     """--window: None/"off" -> None, "auto" -> the training crop size stored in the checkpoint, "HxW" -> (H, W)."""
     if value is None or value == "off":
@@ -203,7 +143,7 @@ class Predictor:
         """A Predictor from a checkpoint or compressed artefact (an int8 .pt2 only if trust_artefact); options as
         for __init__."""
         dev = resolve_device(device)
-        model, meta = load_model(path, dev, trust_artefact)
+        model, meta = load_model(path, dev, trust_artefact=trust_artefact)
         if isinstance(options.get("window"), str):
             options["window"] = parse_window(options["window"], meta)
         return cls(model, meta, dev, **options)

@@ -5,6 +5,8 @@ train.batch_size is per process; the learning rate scales linearly with the glob
 (batch_size * world_size * accum_steps) relative to train.lr_reference_batch.
 """
 import functools
+import json
+import os
 import signal
 import sys
 import time
@@ -16,24 +18,27 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.utils import make_grid
 
 from segpipe import distributed as dist_utils
-from segpipe.checkpoint import (FINISHED, FORMAT, CheckpointError, load_checkpoint, load_resume_checkpoint,
-                                mark_finished, restore_training, save_checkpoint, versions)
-from segpipe.compress import is_artefact, model_from_checkpoint
-from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
+from segpipe import tracking
+from segpipe.checkpoint import (FINISHED, CheckpointError, copy_checkpoint, load_resume_checkpoint, mark_finished,
+                                restore_training, save_checkpoint)
+from segpipe.checkpoint import make_checkpoint as build_checkpoint
 from segpipe.config import Config, ConfigError, check_class_weights, load_config, to_dict
-from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, load_index, worker_message
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, class_pixel_stats, worker_message
 from segpipe.discover import apply_discovery, clamp_crop
 from segpipe.engine import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from segpipe.losses import SegmentationLoss, median_frequency_weights
-from segpipe.models import (ModelError, build_model, has_batchnorm_pooling, load_pretrained, model_options,
-                            set_bn_momentum)
-from segpipe.outputs import OutputError, prepare_dir
-from segpipe.transforms import BlurNormalizeBatch, collate_eval, eval_transform, train_transform
-from segpipe.visualize import colorize, default_palette
+from segpipe.metrics import ConfusionMatrix
+from segpipe.model_files import build_initial_model
+from segpipe.models import ModelError, has_batchnorm_pooling, model_options, set_bn_momentum
+from segpipe.outputs import OutputError, describe, prepare_dir
+from segpipe.shards import is_descriptor, open_index
+from segpipe.tracking import Tracker, config_params, open_trackers, require_packages
+from segpipe.transforms import PixelOps, collate_eval, eval_transform, train_transform
+from segpipe.visualize import colorize, confusion_matrix_image, default_palette
 
 
 def train(cfg: Config) -> int:
@@ -41,6 +46,8 @@ def train(cfg: Config) -> int:
     stop = StopSignal()  # from the start: a signal during set-up must not kill the process before it can save
     rt = setup_runtime(cfg)
     log = print if rt.is_main else (lambda *a, **k: None)
+    if rt.is_main:
+        check_trackers(cfg)  # a missing optional package stops the run now, not after the data is indexed
     data = None
     try:
         data = build_data(cfg, rt, log)
@@ -49,16 +56,19 @@ def train(cfg: Config) -> int:
         optimizer, scheduler, scaler, schedule = build_optimizer(cfg, model, rt, data.train_sampler.steps())
         state, best_miou = resume(cfg, model, optimizer, scheduler, scaler, rt, schedule, log)
         ddp_model = wrap_ddp(model, rt)  # after resume: DDP starts every rank from rank 0's restored weights
-        writer = start_logging(cfg, rt, schedule, log)
-        run = Run(cfg, rt, data, model, ddp_model, criterion, optimizer, scheduler, scaler, compression, writer, log)
-        outcome = fit(run, state, best_miou, schedule, stop)
-        if outcome.completed:
-            finish(cfg, rt, outcome.best_miou, log)
+        with start_logging(cfg, rt, schedule, state != TrainState(), log) as tracker:  # an exception ends it FAILED
+            run = Run(cfg, rt, data, model, ddp_model, criterion, optimizer, scheduler, scaler, compression, tracker,
+                      log)
+            outcome = fit(run, state, best_miou, schedule, stop)
+            if outcome.completed:
+                finish(cfg, rt, outcome.best_miou, tracker, log)
+            tracker.close(outcome.status)
         return outcome.exit_code
     finally:
         if data is not None:
             dist_utils.stop_loader_workers(data.train_loader, data.valid_loader)
         dist_utils.cleanup()
+        stop.restore()
 
 
 # -- configuration and processes -------------------------------------------------------------------------------
@@ -69,9 +79,10 @@ def read_config(path: str, overrides: list) -> Config:
         cfg = load_config(path, overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    if not cfg.data.synthetic and not Path(cfg.data.root).is_dir():
+    if not cfg.data.synthetic and not is_descriptor(cfg.data.root) and not Path(cfg.data.root).is_dir():
         sys.exit(f"data.root={cfg.data.root} does not exist. Put your data in ROOT/train/NAME.jpg + NAME_mask.png "
-                 f"(and ROOT/valid/...), then run `python train.py --config configs/default.yaml data.root=ROOT`; "
+                 f"(and ROOT/valid/...), then run `python train.py --config configs/default.yaml data.root=ROOT` "
+                 f"(or data.root=OUT/shards.json after `python -m segpipe.shards write ROOT OUT`); "
                  f"or try the built-in demo: `python train.py --config configs/synthetic.yaml`")
     try:  # before anything slow: a run that cannot save its checkpoints should not start
         prepare_dir(cfg.output_dir, "output_dir")
@@ -80,12 +91,19 @@ def read_config(path: str, overrides: list) -> Config:
     return cfg
 
 
+def check_trackers(cfg: Config) -> None:
+    """Stop with one line when train.tracker names a tracker whose package is not installed."""
+    try:
+        require_packages(cfg.train.tracker)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
 def setup_runtime(cfg: Config) -> dist_utils.Runtime:
     """Join the process group and pick device and precision (every such choice is made in distributed.setup)."""
     try:
         rt = dist_utils.setup(cfg.train.device, cfg.train.backend, cfg.train.amp, cfg.model.channels_last,
-                              timeout_s=cfg.train.dist_timeout_s, augment_on=cfg.data.augment_on,
-                              color_jitter=cfg.data.color_jitter)
+                              timeout_s=cfg.train.dist_timeout_s, augment_on=cfg.data.augment_on)
     except ValueError as e:
         sys.exit(f"config error: {e}")
     torch.manual_seed(cfg.train.seed)
@@ -117,8 +135,10 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
         if cfg.data.synthetic:
             from segpipe.synthetic import ensure_dataset
             ensure_dataset(cfg.data.root)  # written once, on first use
-        train_index = load_index(cfg.data.root, "train", cfg.data.cache_dir, cfg.data.skip_unpaired)
-        valid_index = load_index(cfg.data.root, "valid", cfg.data.cache_dir, cfg.data.skip_unpaired)
+        # A folder's cached file index, or a shard descriptor's (segpipe.shards, remote shards cached on disk).
+        train_index, valid_index = (open_index(cfg.data.root, split, cfg.data.cache_dir, cfg.data.skip_unpaired,
+                                               cfg.data.cache_limit, cfg.data.shuffle_window)
+                                    for split in ("train", "valid"))
         if rt.local_rank == 0 and rt.world_size > 1:
             torch.distributed.barrier()
         if cfg.data.classes is None:  # no class list yet: the same detection as `python -m segpipe.discover`
@@ -141,14 +161,15 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
     decode_size = tuple(cfg.data.train_size) if cfg.data.train_size else None
     train_set = SegmentationDataset(train_index, decoder, train_transform(cfg.data, rt.augment_on_device),
                                     decode_size)
-    # With data.augment_on=device the workers send uint8 crops and blur draws; the training step does the rest.
+    # With data.augment_on=device the workers send uint8 crops and their pixel parameters; the step does the rest.
     device_augment = None
     if rt.augment_on_device:
-        device_augment = BlurNormalizeBatch(cfg.data.mean, cfg.data.std, cfg.data.blur_kernel)
+        device_augment = PixelOps.from_config(cfg.data)
     valid_set = SegmentationDataset(valid_index, decoder, eval_transform(cfg.data))
     # The epoch's order depends only on (seed, epoch), and positions count over all ranks: resume needs both.
-    train_sampler = dist_utils.SeededSampler(len(train_set), rt.rank, rt.world_size, cfg.train.seed,
-                                             cfg.train.batch_size * cfg.train.accum_steps)
+    # Shards: the same contract, shuffling within windows of data.shuffle_window shards.
+    train_sampler = dist_utils.train_sampler(train_index, rt.rank, rt.world_size, cfg.train.seed,
+                                             cfg.train.batch_size * cfg.train.accum_steps, cfg.data.shuffle_window)
     # Workers ignore SIGTERM/SIGINT, which torchrun and SLURM send to the whole process group: the training
     # process must outlive them long enough to save last.pt.
     num_workers = dist_utils.resolve_num_workers(cfg.data.num_workers)
@@ -170,24 +191,9 @@ def build_data(cfg: Config, rt: dist_utils.Runtime, log: Callable) -> Data:
 # -- model, loss, optimizer ------------------------------------------------------------------------------------------
 
 def build_network(cfg: Config, num_classes: int, rt: dist_utils.Runtime, log: Callable) -> tuple:
-    """The model on its device (from the registry, or a pruned artefact) and its compression record, if any."""
-    compression = None
+    """The model on its device (from the registry, or a pruned train.init_from) and its compression record, if any."""
     try:
-        if cfg.train.init_from and is_artefact(cfg.train.init_from):  # pruned: its widths are not the registry's
-            if cfg.train.init_from.endswith(INT8_SUFFIX):
-                sys.exit(f"train.init_from={cfg.train.init_from} is an int8 artefact, which cannot be trained; "
-                         f"fine-tune the float or pruned checkpoint it was made from, then quantize again")
-            source = load_checkpoint(cfg.train.init_from)
-            if (source["model_name"], source["num_classes"]) != (cfg.model.name, num_classes):
-                sys.exit(f"train.init_from={cfg.train.init_from} is a {source['model_name']} with "
-                         f"{source['num_classes']} classes, but the config trains a {cfg.model.name} with "
-                         f"{num_classes}; set model.name and data.classes to match it")
-            model = model_from_checkpoint(source)
-            compression = source["compression"]  # kept in this run's checkpoints: their widths are the pruned ones
-        else:
-            model = build_model(cfg.model.name, num_classes, cfg.model.weights, model_options(cfg.model))
-            if cfg.train.init_from:
-                load_pretrained(model, cfg.train.init_from)
+        model, compression = build_initial_model(cfg.model, num_classes, cfg.train.init_from)
     except (ModelError, CheckpointError) as e:
         sys.exit(f"model error: {e}")
     set_bn_momentum(model, cfg.model.bn_momentum)
@@ -365,10 +371,11 @@ def wrap_ddp(model: torch.nn.Module, rt: dist_utils.Runtime) -> torch.nn.Module:
     return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
-def start_logging(cfg: Config, rt: dist_utils.Runtime, schedule: Schedule, log: Callable) -> Optional[SummaryWriter]:
-    """On rank 0: the output folder, the config next to the results, a summary line and a TensorBoard writer."""
+def start_logging(cfg: Config, rt: dist_utils.Runtime, schedule: Schedule, resumed: bool, log: Callable) -> Tracker:
+    """On rank 0: the output folder, the config next to the results, a summary line and the trackers of
+    train.tracker (a resumed run continues its MLflow / W&B run); other ranks get a Tracker that does nothing."""
     if not rt.is_main:
-        return None
+        return Tracker()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / FINISHED).unlink(missing_ok=True)  # training again: not finished until it ends
@@ -378,7 +385,11 @@ def start_logging(cfg: Config, rt: dist_utils.Runtime, schedule: Schedule, log: 
     log(f"{rt.world_size} process(es) on {rt.device}, amp={rt.amp_dtype}, channels_last={rt.channels_last}, "
         f"global batch {s.global_batch}, lr {s.lr:.4g}, {s.steps_per_epoch} steps/epoch, {s.total_steps} steps"
         + (f" (stopping after {s.max_steps})" if s.max_steps < s.total_steps else ""))
-    return SummaryWriter(str(out_dir / "tb"))
+    try:
+        return open_trackers(cfg.train.tracker, out_dir, cfg.train.experiment, config_params(to_dict(cfg)), resumed,
+                             log)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
@@ -397,7 +408,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     compression: Optional[dict]
-    writer: Optional[SummaryWriter]
+    tracker: Tracker  # does nothing on ranks other than 0
     log: Callable
 
 
@@ -406,8 +417,12 @@ class StopSignal:
 
     def __init__(self):
         self.signum = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.handle)
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """Give the signals back to their earlier handlers (train() may run inside a longer program)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def handle(self, signum, frame) -> None:
         self.signum = signum
@@ -423,6 +438,11 @@ class Outcome(NamedTuple):
     best_miou: float
     completed: bool
 
+    @property
+    def status(self) -> str:
+        """How the trackers record the end: FINISHED, FAILED, or KILLED (stopped by a signal, resumable)."""
+        return tracking.FINISHED if self.completed else tracking.FAILED if self.exit_code else tracking.KILLED
+
 
 def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop: StopSignal) -> Outcome:
     """Train epoch by epoch, validate, save last.pt and best.pt; on a signal save and stop."""
@@ -434,7 +454,7 @@ def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop:
             stopped = train_one_epoch(
                 run.ddp_model, run.criterion, run.optimizer, run.scheduler, run.scaler, run.data.train_loader, rt,
                 state, cfg.train.accum_steps, cfg.train.grad_clip, schedule.max_steps, stop,
-                functools.partial(log_scalars, run.writer), cfg.train.log_every, run.data.device_augment,
+                run.tracker.log_metrics, cfg.train.log_every, run.data.device_augment,
                 functools.partial(save_periodically, run, state, best_miou), cfg.train.seed)
             if run.data.train_sampler.steps(state.samples_done) == 0:  # the epoch is complete
                 state.epoch, state.samples_done = state.epoch + 1, 0
@@ -446,15 +466,16 @@ def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop:
                 log(f"stopped by signal at step {state.step}; saved {out_dir / 'last.pt'}, "
                     f"resume with train.resume=auto")
                 return Outcome(0, best_miou, completed=False)
-            miou = -1.0
+            miou, cm = -1.0, None
             if (state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs
                     or state.step >= schedule.max_steps):
-                miou = validate(run, state)
+                miou, cm = validate(run, state)
             if rt.is_main:
                 save_checkpoint(make_checkpoint(run, state, best_miou, miou), out_dir / "last.pt")
-                if miou > best_miou:
+                if miou > best_miou:  # last.pt already records it as the best: best.pt is that file
                     best_miou = miou
-                    save_checkpoint(make_checkpoint(run, state, best_miou, miou), out_dir / "best.pt")
+                    copy_checkpoint(out_dir / "last.pt", out_dir / "best.pt")
+                    save_confusion_matrix(cm, cfg.data.classes, state, miou, out_dir / "best_confusion_matrix")
                 scores = (f"val mIoU {miou:.4f} (best {best_miou:.4f})" if miou >= 0 else
                           f"not validated (train.val_every={cfg.train.val_every})")
                 log(f"epoch {state.epoch}: step {state.step}, {scores}, {time.time() - epoch_start:.1f} s")
@@ -467,9 +488,6 @@ def fit(run: Run, state: TrainState, best_miou: float, schedule: Schedule, stop:
     except CheckpointError as e:  # a full disk or a vanished output_dir while saving
         print(f"error: {e}", file=sys.stderr)
         return Outcome(1, best_miou, completed=False)
-    finally:
-        if run.writer is not None:
-            run.writer.close()
     return Outcome(0, best_miou, completed=True)
 
 
@@ -485,69 +503,76 @@ def save_periodically(run: Run, state: TrainState, best_miou: float) -> None:
         save_checkpoint(make_checkpoint(run, state, best_miou, -1.0), Path(run.cfg.output_dir) / "last.pt")
 
 
-def validate(run: Run, state: TrainState) -> float:
-    """mIoU on the validation set (every image once over all ranks); scores and pictures go to TensorBoard."""
+def validate(run: Run, state: TrainState) -> tuple[float, ConfusionMatrix]:
+    """mIoU and confusion matrix on the validation set (every image once over all ranks); scores and pictures
+    go to the trackers."""
     cfg = run.cfg
     cm, kept = evaluate(run.model, run.data.valid_loader, run.data.num_classes, cfg.data.ignore_index, run.rt,
                         keep=cfg.train.num_vis if run.rt.is_main else 0)
     metrics = cm.compute()
-    if run.writer is not None:
-        log_scalars(run.writer, {"val/miou": metrics["miou"], "val/pixel_accuracy": metrics["pixel_accuracy"]},
-                    state.step)
-        for name, iou in zip(cfg.data.classes, metrics["iou"]):
-            if iou == iou:  # NaN: class absent from truth and prediction
-                run.writer.add_scalar(f"val_iou/{name}", iou, state.step)
-        for i, (image, truth, pred) in enumerate(kept):
-            panel = validation_panel(image, truth, pred, cfg.data.mean, cfg.data.std, run.data.palette,
-                                     cfg.data.ignore_index)
-            run.writer.add_image(f"val/sample_{i}", panel, state.step)
-    return metrics["miou"]
+    scalars = {"val/miou": metrics["miou"], "val/pixel_accuracy": metrics["pixel_accuracy"]}
+    # NaN: class absent from truth and prediction, left out.
+    scalars.update({f"val_iou/{name}": iou for name, iou in zip(cfg.data.classes, metrics["iou"]) if iou == iou})
+    run.tracker.log_metrics(scalars, state.step)
+    for i, (image, truth, pred) in enumerate(kept):
+        panel = validation_panel(image, truth, pred, cfg.data.mean, cfg.data.std, run.data.palette,
+                                 cfg.data.ignore_index)
+        run.tracker.log_image(f"val/sample_{i}", panel, state.step)
+    return metrics["miou"], cm
 
 
-def log_scalars(writer: Optional[SummaryWriter], scalars: dict, step: int) -> None:
-    """TensorBoard scalars at this optimizer step (rank 0 only: the others have no writer)."""
-    if writer is None:
-        return
-    for key, value in scalars.items():
-        writer.add_scalar(key, value, step)
+def save_confusion_matrix(cm: ConfusionMatrix, classes: list, state: TrainState, miou: float, stem: Path) -> None:
+    """STEM.json (pixel counts, rows truth, columns prediction) and STEM.png (row-normalised), written atomically."""
+    record = {"classes": list(classes), "epoch": state.epoch, "step": state.step, "miou": miou,
+              "matrix": cm.matrix.cpu().tolist()}
+    json_tmp, png_tmp = stem.with_name(f".{stem.name}.json.tmp"), stem.with_name(f".{stem.name}.png.tmp")
+    try:
+        json_tmp.write_text(json.dumps(record) + "\n")
+        confusion_matrix_image(cm.matrix.cpu().numpy(), classes).save(png_tmp, format="PNG")
+        os.replace(json_tmp, stem.with_suffix(".json"))
+        os.replace(png_tmp, stem.with_suffix(".png"))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {stem}.json/.png ({describe(e)}); free space in output_dir or "
+                              f"choose another output_dir") from None
 
 
 def validation_panel(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, mean: list, std: list,
                      palette: list, ignore_index: int) -> torch.Tensor:
-    """image | truth | prediction side by side (uint8 CHW), at the mask's resolution, for TensorBoard."""
+    """image | truth | prediction side by side (uint8 CHW), at the mask's resolution, for the trackers."""
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     rgb = ((image.float().cpu() * std + mean).clamp(0, 1) * 255).to(torch.uint8)
     rgb = torch.nn.functional.interpolate(rgb[None].float(), size=truth.shape[-2:], mode="bilinear")[0]
     # visualize.colorize is the one colouring of class maps (ignored pixels black), as in infer.py's pictures.
     truth_rgb, pred_rgb = (pil_to_tensor(colorize(m.cpu().numpy(), palette, ignore_index).convert("RGB"))
                            for m in (truth, pred))
-    return torch.cat([rgb.to(torch.uint8), truth_rgb, pred_rgb], dim=2)
+    return make_grid([rgb.to(torch.uint8), truth_rgb, pred_rgb], nrow=3, padding=0)
 
 
-def finish(cfg: Config, rt: dist_utils.Runtime, best_miou: float, log: Callable) -> None:
-    """Mark the run finished (infer.py and evaluate.py pick only finished runs) and say what to run next."""
+def finish(cfg: Config, rt: dist_utils.Runtime, best_miou: float, tracker: Tracker, log: Callable) -> None:
+    """Mark the run finished (infer.py and evaluate.py pick only finished runs), give the trackers the best
+    checkpoint, its confusion matrix and the config, and say what to run next."""
     if not rt.is_main:
         return
     out_dir = Path(cfg.output_dir)
     mark_finished(out_dir, cfg.data.classes, best_miou)
+    for name in ("best.pt", "best_confusion_matrix.json", "best_confusion_matrix.png", "config.yaml"):
+        if (out_dir / name).is_file():  # no best.pt when no validation scored (mIoU NaN)
+            tracker.log_artifact(out_dir / name)
     log(f"done: best validation mIoU {best_miou:.4f}, {out_dir / 'best.pt'}\n"
         f"next: python evaluate.py {out_dir / 'best.pt'}\n"
         f"      python infer.py IMAGES --checkpoint {out_dir / 'best.pt'}")
 
 
 def make_checkpoint(run: Run, state: TrainState, best_miou: float, miou: float) -> dict:
-    """Everything needed to resume training, or to predict without the config file."""
+    """This run's checkpoint (segpipe.checkpoint's format): resumable, and enough to predict without the config."""
     cfg = run.cfg
-    ckpt = {"format": FORMAT, "version": 1, "model_name": cfg.model.name, "num_classes": run.data.num_classes,
-            "model_options": model_options(cfg.model),
-            "model": run.model.state_dict(), "classes": list(cfg.data.classes), "palette": run.data.palette,
+    meta = {"model_name": cfg.model.name, "model_options": model_options(cfg.model),
+            "num_classes": run.data.num_classes, "classes": list(cfg.data.classes), "palette": run.data.palette,
             "ignore_index": cfg.data.ignore_index, "mean": cfg.data.mean, "std": cfg.data.std,
-            "eval_size": cfg.data.eval_size, "config": to_dict(cfg), "epoch": state.epoch, "step": state.step,
-            "samples_done": state.samples_done, "world_size": run.rt.world_size,
-            "global_batch": cfg.train.batch_size * run.rt.world_size * cfg.train.accum_steps,
-            "best_miou": max(best_miou, miou), "miou": miou,
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "versions": versions()}
-    if run.compression:  # a pruned model: its widths are not the registry's, so the record must travel along
-        ckpt["compression"] = run.compression
-    return ckpt
+            "eval_size": cfg.data.eval_size, "config": to_dict(cfg)}
+    training = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(), "epoch": state.epoch, "step": state.step,
+                "samples_done": state.samples_done, "world_size": run.rt.world_size,
+                "global_batch": cfg.train.batch_size * run.rt.world_size * cfg.train.accum_steps,
+                "best_miou": max(best_miou, miou), "miou": miou}
+    return build_checkpoint(run.model.state_dict(), meta, training, run.compression)

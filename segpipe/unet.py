@@ -3,7 +3,7 @@
 Why a ResNet encoder and not the classic double-conv one: the classic full-width U-Net
 (64..1024 channels, two 3x3 convs per level) costs about 290 GFLOPs at 360x480 (hand count),
 eight times this model's 37, and has no ImageNet weights in torchvision. A ResNet encoder
-gives `model.weights=imagenet`, and ResNet-50 (the default) is the backbone of the other two
+gives `model.weights_backbone=imagenet`, and ResNet-50 (the default) is the backbone of the other two
 models in the paper's comparison, so differences come from the decoder; its Bottleneck blocks
 are also what compress.py's channel pruning works on. ResNet-18/34 are cheaper encoders
 (`encoder=`), but have BasicBlocks, which that pruning does not touch.
@@ -20,9 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
 
-from segpipe.backbones import build_resnet
+from segpipe.backbones import ResNetFeatures, build_resnet
 from segpipe.convhead import conv_bn_relu
 
 # The encoder's total stride: inputs are padded to a multiple of it so every skip lines up.
@@ -93,11 +92,16 @@ class UNet(nn.Module):
         return {"out": logits}
 
 
-def build_unet(num_classes: int, weights: str = "none", encoder: str = "resnet50") -> nn.Module:
-    """Build the U-Net baseline; weights ("none" | "imagenet" | torchvision .pth path) apply to the encoder."""
+def build_unet(num_classes: int, weights: str = "none", weights_backbone: str = "none",
+               encoder: str = "resnet50") -> nn.Module:
+    """Build the U-Net baseline; weights_backbone ("none" | "imagenet") applies to the encoder (no whole-model
+    weights exist: weights must be "none")."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if encoder not in ENCODER_CHANNELS:
         raise ValueError(f"unknown U-Net encoder '{encoder}'; choose one of {sorted(ENCODER_CHANNELS)}")
-    backbone = IntermediateLayerGetter(build_resnet(encoder, weights), return_layers=SKIP_LAYERS)
+    if weights != "none":
+        raise ValueError(f"model.weights={weights} is not available for unet (no whole-model weights exist); use "
+                         f"none, model.weights_backbone=imagenet, or a local file")
+    backbone = ResNetFeatures(build_resnet(encoder, weights_backbone), return_layers=SKIP_LAYERS)
     return UNet(backbone, ENCODER_CHANNELS[encoder], num_classes)

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from segpipe.checkpoint import FORMAT, save_checkpoint
+from segpipe.checkpoint import make_checkpoint, save_checkpoint
 from segpipe.compress.int8 import untie_relus
 from segpipe.config import ConfigError, load_config
 from segpipe.convhead import build_resnet50_convhead
+from segpipe.model_files import build_initial_model
 from segpipe.models import ModelError, build_model, model_options
 from segpipe.predict import Predictor
 from segpipe.unet import build_unet
@@ -103,15 +104,15 @@ def test_convhead_weights_transfer_between_output_strides():
 
 
 def test_convhead_depth_and_width_shape_the_head():
-    model = build("resnet50_convhead", num_classes=5, depth=2, width=32)
+    model = build("resnet50_convhead", num_classes=5, head_depth=2, head_width=32)
     assert len(model.head) == 2 and model.classifier.in_channels == 32
-    plain = build("resnet50_convhead", num_classes=5, depth=0)
+    plain = build("resnet50_convhead", num_classes=5, head_depth=0)
     assert len(plain.head) == 0 and plain.classifier.in_channels == 2048
     assert forward(plain, torch.randn(1, 3, 33, 41)).shape == (1, 5, 33, 41)
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"output_stride": 32}, {"depth": -1}, {"width": 0}, {"weights": "coco"}]
+    "kwargs", [{"output_stride": 32}, {"head_depth": -1}, {"head_width": 0}, {"weights": "coco"}]
 )
 def test_convhead_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
@@ -140,9 +141,9 @@ def test_offline_imagenet_download_names_the_fixes(name, monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError) as error:
-        build(name, num_classes=3, weights="imagenet")
-    assert "model.weights=none" in str(error.value)
-    assert "model.weights=/path/to/resnet50-11ad3fa6.pth" in str(error.value)
+        build(name, num_classes=3, weights_backbone="imagenet")
+    assert "model.weights_backbone=none" in str(error.value)
+    assert "model.weights_backbone=/path/to/resnet50-11ad3fa6.pth" in str(error.value)
 
 
 def test_local_imagenet_file_loads_into_the_encoder(tmp_path):
@@ -150,7 +151,8 @@ def test_local_imagenet_file_loads_into_the_encoder(tmp_path):
     reference = resnet18()
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(reference.state_dict(), path)
-    model = build("unet", num_classes=3, encoder="resnet18", weights=str(path))
+    cfg = load_config(None, ["model.name=unet", "model.encoder=resnet18", f"model.weights_backbone={path}"])
+    model, _ = build_initial_model(cfg.model, 3)
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     assert torch.equal(model.backbone.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
 
@@ -158,10 +160,10 @@ def test_local_imagenet_file_loads_into_the_encoder(tmp_path):
 def test_local_file_of_the_wrong_architecture_is_rejected(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(resnet18().state_dict(), path)
-    with pytest.raises(ValueError, match="resnet18.pth"):
-        build_resnet50_convhead(3, weights=str(path))
-    with pytest.raises(ValueError, match="missing.pth"):
-        build_resnet50_convhead(3, weights=str(tmp_path / "missing.pth"))
+    for file in (path, tmp_path / "missing.pth"):
+        cfg = load_config(None, ["model.name=resnet50_convhead", f"model.weights_backbone={file}"])
+        with pytest.raises(ModelError, match=file.name):
+            build_initial_model(cfg.model, 3)
 
 
 def test_unet_exports_with_dynamic_height_and_width():
@@ -186,15 +188,15 @@ def test_config_options_round_trip_through_checkpoint_and_predictor(name, tmp_pa
     options = model_options(cfg.model)
     assert options == OPTIONS[name]
     torch.manual_seed(0)
-    model = build_model(name, 3, options=options).eval()
+    model = build_model(name, 3, **options).eval()
     if name == "unet":
         assert type(model.backbone.layer1[0]).__name__ == "BasicBlock"
     else:
         assert len(model.head) == 1 and model.classifier.in_channels == 16
     path = tmp_path / "best.pt"
-    save_checkpoint({"format": FORMAT, "version": 1, "model_name": name, "model_options": options,
-                     "num_classes": 3, "model": model.state_dict(), "classes": ["a", "b", "c"], "palette": None,
-                     "ignore_index": 255, "mean": [0.5] * 3, "std": [0.25] * 3, "eval_size": None}, path)
+    save_checkpoint(make_checkpoint(model.state_dict(), {
+        "model_name": name, "model_options": options, "num_classes": 3, "classes": ["a", "b", "c"], "palette": None,
+        "ignore_index": 255, "mean": [0.5] * 3, "std": [0.25] * 3, "eval_size": None, "config": {}}), path)
     image = torch.randint(0, 256, (3, 37, 45), dtype=torch.uint8)
     x = ((image.float() / 255 - 0.5) / 0.25)[None]
     expected = forward(model, x).argmax(1)[0]
@@ -203,9 +205,9 @@ def test_config_options_round_trip_through_checkpoint_and_predictor(name, tmp_pa
 
 def test_options_for_another_model_or_out_of_range_are_refused():
     with pytest.raises(ModelError, match="model.output_stride applies to resnet50_convhead, not to unet"):
-        build_model("unet", 3, options={"output_stride": 16})
+        build_model("unet", 3, output_stride=16)
     with pytest.raises(ModelError, match="output_stride"):
-        build_model("resnet50_convhead", 3, options={"output_stride": 32})
+        build_model("resnet50_convhead", 3, output_stride=32)
     with pytest.raises(ConfigError, match="head_width"):
         load_config(None, ["model.head_widht=8"])
 
@@ -237,7 +239,7 @@ def test_unet_with_basic_blocks_quantizes_to_int8():
 
 def test_convhead_head_layers_are_pruned_for_real():
     from segpipe.compress import prune_channels
-    model = build("resnet50_convhead", num_classes=4, output_stride=16, depth=2, width=64).eval()
+    model = build("resnet50_convhead", num_classes=4, output_stride=16, head_depth=2, head_width=64).eval()
     before = sum(p.numel() for p in model.parameters())
     prune_channels(model, 0.5)
     assert [layer[0].out_channels for layer in model.head] == [32, 32] and model.classifier.in_channels == 32

@@ -29,7 +29,7 @@ from segpipe.checkpoint import load_checkpoint, save_checkpoint
 from segpipe.config import load_config
 from segpipe.distributed import Runtime, SeededSampler
 from segpipe.engine import TrainState, model_seed, train_one_epoch
-from segpipe.transforms import BlurNormalizeBatch
+from segpipe.transforms import PixelOps
 from test_train import NoBatchNormNet, train, train_command
 
 import train as train_script
@@ -263,11 +263,14 @@ def test_logged_loss_is_the_mean_over_the_interval():
     assert logged == [pytest.approx(np.mean(expected), rel=1e-6)]
 
 
-def test_device_blur_keeps_its_constants_on_the_device():
-    blur = BlurNormalizeBatch([0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 5)
+@pytest.mark.parametrize("color_jitter", [0.0, 0.3])
+def test_device_pixel_work_keeps_its_constants_on_the_device(color_jitter):
+    ops = PixelOps([0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 5, color_jitter)
     images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8, device="meta")  # stands in for a GPU
-    blur(images, torch.ones(2, device="meta"))
-    assert blur.scale.device.type == "meta" and blur.shift.device.type == "meta"
+    params = torch.tensor([[1.0, 1.1, 0.9, 1.2, 0, 1, 2, 3], [0.0, 0.8, 1.3, 1.0, 3, 2, 1, 0]])  # on the CPU
+    out = ops(images, params)  # one image blurred, one not
+    assert out.device.type == "meta" and out.shape == images.shape
+    assert all(t.device.type == "meta" for t in (ops.scale, ops.shift, ops.mean, ops.std))
 
 
 # -- resume decided by rank 0 --------------------------------------------------------------------------------

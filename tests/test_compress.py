@@ -12,18 +12,19 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
 
-import segpipe.compress.artefact as artefact
-from segpipe.compress import (find_channel_groups, is_artefact, load_artefact, prune_channels, prune_unstructured,
-                              untie_relus, weight_sparsity)
+from segpipe.backbones import ResNetFeatures
+from segpipe.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
+from segpipe.compress import find_channel_groups, prune_channels, prune_unstructured, untie_relus, weight_sparsity
 from segpipe.compress.__main__ import main
 from segpipe.compress.quality import pixel_agreement
 from segpipe.compress.structured import PruningError, kept_count
 from segpipe.compress.unstructured import prunable_weights
+from segpipe.model_files import load_model
+from segpipe.models import REGISTRY
 
 NUM_CLASSES = 5
 SIZE = 64
@@ -38,7 +39,7 @@ def tiny_deeplab(seed: int = 0) -> nn.Module:
         mp.setattr(Bottleneck, "expansion", 1)
         resnet = ResNet(Bottleneck, [1, 1, 1, 1], width_per_group=16,
                         replace_stride_with_dilation=[False, True, True])
-    backbone = IntermediateLayerGetter(resnet, {"layer4": "out", "layer3": "aux"})
+    backbone = ResNetFeatures(resnet, {"layer4": "out", "layer3": "aux"})
     model = DeepLabV3(backbone, DeepLabHead(512, NUM_CLASSES), FCNHead(256, NUM_CLASSES))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):  # fresh BN is the identity; real statistics exercise folding
@@ -72,12 +73,12 @@ def workspace(tmp_path_factory):
     """A checkpoint of the tiny model, a small data root, and the registry patched to build the tiny model."""
     root = tmp_path_factory.mktemp("compress")
     model = tiny_deeplab()
-    checkpoint = {"format": "segpipe-checkpoint", "version": 1, "model_name": "tiny_deeplab",
-                  "num_classes": NUM_CLASSES, "model": model.state_dict(), "classes": [f"c{i}" for i in range(5)],
-                  "palette": [[i, i, i] for i in range(5)], "ignore_index": 255, "mean": [0.485, 0.456, 0.406],
-                  "std": [0.229, 0.224, 0.225], "eval_size": None, "config": {}, "epoch": 3, "step": 30,
-                  "best_miou": 0.1, "optimizer": {"state": {}}, "scheduler": None, "scaler": None, "versions": {}}
-    artefact.write_checkpoint(checkpoint, root / "model.pth")
+    meta = {"model_name": "tiny_deeplab", "model_options": {}, "num_classes": NUM_CLASSES,
+            "classes": [f"c{i}" for i in range(5)], "palette": [[i, i, i] for i in range(5)], "ignore_index": 255,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "eval_size": None, "config": {}}
+    training = {"optimizer": {"state": {}}, "scheduler": None, "scaler": None, "epoch": 3, "step": 30,
+                "samples_done": 0, "world_size": 1, "global_batch": 8, "best_miou": 0.1, "miou": 0.1}
+    save_checkpoint(make_checkpoint(model.state_dict(), meta, training), root / "model.pth")
     rng = np.random.default_rng(0)
     for split in ("train", "valid"):
         (root / "data" / split).mkdir(parents=True)
@@ -86,8 +87,9 @@ def workspace(tmp_path_factory):
                 root / "data" / split / f"img{i}.jpg")
             Image.fromarray(rng.integers(0, NUM_CLASSES, (SIZE, SIZE), dtype=np.uint8)).save(
                 root / "data" / split / f"img{i}_mask.png")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(artefact, "build_float_model", lambda *args, **kwargs: tiny_deeplab(seed=123))
+    with pytest.MonkeyPatch.context() as mp:  # the registry is where a new architecture goes
+        mp.setitem(REGISTRY, "tiny_deeplab", lambda num_classes, weights="none", weights_backbone="none":
+                   tiny_deeplab(seed=123))
         yield root, model
 
 
@@ -156,13 +158,15 @@ def test_untied_relus_change_nothing_but_sharing():
     torch.testing.assert_close(forward(model, x), expected)
 
 
-def test_structured_artefact_round_trips_through_load_artefact(workspace):
+def test_structured_artefact_round_trips_through_load_model(workspace):
     root, model = workspace
     out = root / "structured.pth"
     main(["prune", "--checkpoint", str(root / "model.pth"), "--method", "structured", "--sparsity", "0.5",
           "--out", str(out)])
-    assert is_artefact(out) and not is_artefact(root / "model.pth") and not is_artefact(root / "missing.pth")
-    loaded, meta = load_artefact(out)
+    assert load_model(root / "model.pth")[1]["compression"] is None
+    with pytest.raises(CheckpointError, match="missing.pth"):
+        load_model(root / "missing.pth")
+    loaded, meta = load_model(out)
     expected = copy.deepcopy(model)
     prune_channels(expected, 0.5)
     x = images()
@@ -176,7 +180,7 @@ def test_unstructured_artefact_keeps_its_zeros(workspace):
     root, _ = workspace
     out = root / "unstructured.pth"
     main(["prune", "--checkpoint", str(root / "model.pth"), "--sparsity", "0.7", "--out", str(out)])
-    loaded, meta = load_artefact(out)
+    loaded, meta = load_model(out)
     assert weight_sparsity(loaded) == pytest.approx(0.7, abs=0.01)
     assert meta["compression"]["method"] == "unstructured"
     assert forward(loaded, images()).shape == (2, NUM_CLASSES, SIZE, SIZE)
@@ -186,7 +190,7 @@ def test_bf16_artefact_returns_float_logits_close_to_fp32(workspace):
     root, model = workspace
     out = root / "bf16.pth"
     main(["quantize", "--checkpoint", str(root / "model.pth"), "--dtype", "bf16", "--out", str(out)])
-    loaded, meta = load_artefact(out)
+    loaded, meta = load_model(out)
     x = images()
     got, expected = forward(loaded, x), forward(model, x)
     assert got.dtype == torch.float32 and meta["compression"]["method"] == "bf16"
@@ -210,13 +214,12 @@ def int8_artefact(workspace):
     return out
 
 
-def test_int8_artefact_is_safe_to_identify_and_keeps_metadata(int8_artefact):
-    assert is_artefact(int8_artefact)
-    _, meta = load_artefact(int8_artefact, compile=False, trust=True)
+def test_int8_artefact_keeps_metadata_and_runs_on_the_cpu_only(int8_artefact):
+    _, meta = load_model(int8_artefact, trust_artefact=True, compile=False)
     assert meta["compression"]["method"] == "int8" and meta["compression"]["calib_images"] == 3
     assert meta["num_classes"] == NUM_CLASSES and "model" not in meta
-    with pytest.raises(ValueError, match="device='cpu'"):
-        load_artefact(int8_artefact, device="cuda", trust=True)
+    with pytest.raises(CheckpointError, match="--device cpu"):
+        load_model(int8_artefact, device="cuda", trust_artefact=True)
 
 
 def test_int8_agrees_with_fp32_uncompiled_and_compiled(workspace, int8_artefact):
@@ -224,7 +227,7 @@ def test_int8_agrees_with_fp32_uncompiled_and_compiled(workspace, int8_artefact)
     x = images(1)
     expected = forward(model, x)
     for compile in (False, True):  # the reference q/dq graph, then the fused oneDNN kernels
-        loaded, _ = load_artefact(int8_artefact, compile=compile, trust=True)
+        loaded, _ = load_model(int8_artefact, trust_artefact=True, compile=compile)
         loaded.eval()  # callers do this; an exported program must tolerate it
         got = forward(loaded, x)
         assert got.shape == expected.shape
@@ -252,7 +255,7 @@ def test_bf16_of_a_pruned_model_keeps_the_pruned_widths(workspace):
     main(["prune", "--checkpoint", str(root / "model.pth"), "--method", "structured", "--sparsity", "0.3",
           "--out", str(pruned)])
     main(["quantize", "--checkpoint", str(pruned), "--dtype", "bf16", "--out", str(out)])
-    loaded, meta = load_artefact(out)
+    loaded, meta = load_model(out)
     assert meta["compression"]["method"] == "bf16" and meta["compression"]["previous"]["method"] == "structured"
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
     assert forward(loaded, images()).shape == (2, NUM_CLASSES, SIZE, SIZE)

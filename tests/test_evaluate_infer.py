@@ -1,8 +1,8 @@
 """evaluate.py and infer.py end to end: exact-once multi-process scoring, masks that score what evaluate.py
 reports, and bad inputs answered with a message (no traceback)."""
+import importlib
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -38,10 +38,11 @@ def setup(tmp_path_factory):
 
 
 def run_script(script: str, argv: list[str], cwd: Path, monkeypatch) -> None:
-    """Run an entry script in this process, as `python script argv...` from cwd would."""
+    """Run an entry script's main(argv) in this process, from cwd, as `python script argv...` would."""
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [script] + argv)
-    runpy.run_path(str(REPO / script), run_name="__main__")
+    code = importlib.import_module(Path(script).stem).main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 def fails_with(script: str, argv: list[str], cwd: Path, monkeypatch) -> str:
@@ -98,6 +99,26 @@ def test_two_processes_score_every_image_exactly_once(setup, one_process, tmp_pa
     assert two["confusion_matrix"] == one["confusion_matrix"]  # no image dropped or counted twice
     assert two["per_image_miou"] == one["per_image_miou"]
     assert two["miou"] == one["miou"]
+
+
+def test_infer_on_two_processes_predicts_every_input_once_as_one_process_does(setup, tmp_path, free_port,
+                                                                             monkeypatch, capsys):
+    root, ckpt = setup
+    run_script("infer.py", [str(root / "valid"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "one"),
+                            "--workers", "0"], tmp_path, monkeypatch)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port}", "infer.py", str(root / "valid"), "--checkpoint", str(ckpt),
+         "--out", str(tmp_path / "two"), "--workers", "1", "--batch-size", "1"],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {NUM_IMAGES} mask(s)" in result.stdout and "2 processes" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith(str(root / "valid"))]
+    assert sorted(lines) == sorted(set(lines)) and len(lines) == NUM_IMAGES  # each input predicted once
+    for name in sorted(p.name for p in (tmp_path / "one").iterdir()):
+        one, two = Image.open(tmp_path / "one" / name), Image.open(tmp_path / "two" / name)
+        if name.endswith("_mask.png"):
+            assert np.array_equal(np.asarray(one), np.asarray(two)), name
 
 
 def test_infer_masks_score_what_evaluate_reports(setup, one_process, tmp_path, monkeypatch, capsys):

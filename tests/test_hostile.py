@@ -1,12 +1,12 @@
 """Hostile files and careless commands: code in artefacts never runs, ground truth is never overwritten, odd but
 genuine files load, and every mistake is one line naming the file or value (no traceback)."""
 import builtins
+import importlib
 import io
 import json
 import logging
 import os
 import pickle
-import runpy
 import shutil
 import subprocess
 import sys
@@ -137,21 +137,21 @@ def test_a_crafted_pt2_never_runs_its_pickle_in_infer_or_evaluate(data, tmp_path
 @pytest.mark.parametrize("where", ["weights", "opaque"])
 def test_pickled_weights_or_opaque_constants_are_refused_even_when_trusted(tmp_path, where):
     from segpipe.checkpoint import CheckpointError
-    from segpipe.compress import load_artefact
+    from segpipe.model_files import load_model
     marker = tmp_path / "marker"
     with pytest.raises(CheckpointError, match="refused"):
-        load_artefact(crafted_pt2(tmp_path / "evil.pt2", marker, where), trust=True)
+        load_model(crafted_pt2(tmp_path / "evil.pt2", marker, where), trust_artefact=True)
     assert not marker.exists()
 
 
 def test_pt2_is_refused_without_trust_and_says_why(tmp_path):
     """Even a pickle-free archive makes torch.export.load evaluate its strings: loading needs trust."""
     from segpipe.checkpoint import CheckpointError
-    from segpipe.compress import load_artefact
+    from segpipe.model_files import load_model
     with pytest.raises(CheckpointError, match="--trust-artefact") as info:
-        load_artefact(crafted_pt2(tmp_path / "plain.pt2", tmp_path / "marker", "none"))
+        load_model(crafted_pt2(tmp_path / "plain.pt2", tmp_path / "marker", "none"))
     assert "run anything" in str(info.value) and "\n" not in str(info.value)
-    model, meta = load_artefact(tmp_path / "plain.pt2", trust=True, compile=False)  # a genuine file still loads
+    model, meta = load_model(tmp_path / "plain.pt2", trust_artefact=True, compile=False)  # a genuine file still loads
     assert meta["num_classes"] == 3 and model(torch.zeros(1, 3, 4, 4)).shape == (1, 3, 4, 4)
 
 
@@ -159,10 +159,11 @@ def test_pt2_is_refused_without_trust_and_says_why(tmp_path):
 
 
 def run_in_process(script: str, argv: list, cwd: Path, monkeypatch) -> None:
-    """An entry script in this process, as `python script argv...` from cwd would run it."""
+    """An entry script's main(argv) in this process, from cwd, as `python script argv...` would run it."""
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
-    runpy.run_path(str(REPO / script), run_name="__main__")
+    code = importlib.import_module(Path(script).stem).main([str(a) for a in argv])
+    if code:
+        raise SystemExit(code)
 
 
 def exit_message(script: str, argv: list, cwd: Path, monkeypatch) -> str:
@@ -193,24 +194,34 @@ def test_infer_refuses_an_out_below_a_data_split(data, tmp_path, monkeypatch):
     assert "inside the data folder" in message and not (root / "valid" / "preds").exists()
 
 
-def test_infer_replaces_only_its_own_predictions_and_only_with_overwrite(data, tmp_path, monkeypatch):
+def test_infer_skips_finished_predictions_redoes_them_with_overwrite_and_never_replaces_foreign_files(
+        data, tmp_path, monkeypatch, capsys):
     root, ckpt = data
     out = tmp_path / "out"
     images = [root / "valid" / "img000.jpg", root / "valid" / "img001.jpg"]
     run_in_process("infer.py", [*images, "--checkpoint", ckpt, "--out", out, "--workers", 0], tmp_path, monkeypatch)
     first = snapshot(out)
     assert sorted(first) == ["img000_mask.png", "img000_overlay.jpg", "img001_mask.png", "img001_overlay.jpg"]
-    message = exit_message("infer.py", [*images, "--checkpoint", ckpt, "--out", out], tmp_path, monkeypatch)
-    assert "--overwrite" in message and snapshot(out) == first
+    # A rerun (after a stop) predicts only what is missing: here one overlay, so image 1 alone.
+    (out / "img001_overlay.jpg").unlink()
+    os.utime(out / "img000_mask.png", (1, 1))
+    capsys.readouterr()
+    run_in_process("infer.py", [*images, "--checkpoint", ckpt, "--out", out], tmp_path, monkeypatch)
+    printed = capsys.readouterr().out
+    assert "1 already predicted, skipped" in printed and "wrote 1 mask(s)" in printed
+    assert snapshot(out) == first and os.stat(out / "img000_mask.png").st_mtime == 1  # image 0 untouched
     run_in_process("infer.py", [*images, "--checkpoint", ckpt, "--out", out, "--overwrite", "--workers", 0],
                    tmp_path, monkeypatch)
+    assert "wrote 2 mask(s)" in capsys.readouterr().out and os.stat(out / "img000_mask.png").st_mtime > 1
+    assert not list(out.glob(".*.tmp"))  # outputs are renamed into place, no temporary file is left
     # A file of the user's under an output name is never replaced, --overwrite or not.
     Image.fromarray(np.zeros(SIZE, np.uint8)).save(out / "img001_mask.png")
     users = (out / "img001_mask.png").read_bytes()
-    message = exit_message("infer.py", [*images, "--checkpoint", ckpt, "--out", out, "--overwrite"],
-                           tmp_path, monkeypatch)
-    assert "img001_mask.png" in message and "not written by infer.py" in message
-    assert (out / "img001_mask.png").read_bytes() == users
+    for flags in ([], ["--overwrite"]):
+        message = exit_message("infer.py", [*images, "--checkpoint", ckpt, "--out", out, *flags],
+                               tmp_path, monkeypatch)
+        assert "img001_mask.png" in message and "not written by infer.py" in message
+        assert (out / "img001_mask.png").read_bytes() == users
 
 
 # -- 3. upper-case extensions, 9. non-UTF-8 names, 10. 16-bit images, 11. EXIF orientation --------------------------

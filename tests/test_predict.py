@@ -11,7 +11,7 @@ import torch.nn.functional as nnf
 from PIL import Image
 from torch import nn
 
-from segpipe.checkpoint import FORMAT, CheckpointError, save_checkpoint
+from segpipe.checkpoint import FORMAT, CheckpointError, make_checkpoint, save_checkpoint
 from segpipe.metrics import ConfusionMatrix
 from segpipe.models import build_model
 from segpipe.predict import Predictor, _tile_starts, latest_checkpoint
@@ -39,12 +39,12 @@ def tiny_checkpoint(path: Path, num_classes: int = 3, images: list | None = None
     if never is not None:
         with torch.no_grad():
             model.classifier.high_classifier.bias[never] = -1e4
-    save_checkpoint({
-        "format": FORMAT, "version": 1, "model_name": "lraspp_mobilenet_v3_large", "num_classes": num_classes,
-        "model": model.state_dict(), "classes": [f"class_{i}" for i in range(num_classes)], "palette": palette,
+    save_checkpoint(make_checkpoint(model.state_dict(), {
+        "model_name": "lraspp_mobilenet_v3_large", "model_options": {}, "num_classes": num_classes,
+        "classes": [f"class_{i}" for i in range(num_classes)], "palette": palette,
         "ignore_index": 255, "mean": MEAN, "std": STD, "eval_size": eval_size,
         "config": {"data": {"root": str(data_root) if data_root else None, "crop_size": [32, 32]}},
-    }, path)
+    }), path)
     return path
 
 

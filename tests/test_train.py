@@ -1,4 +1,7 @@
-"""train.py and the training loop, with real processes (subprocess, torchrun, torch.multiprocessing + gloo)."""
+"""train.py and the training loop: main(argv) in-process, real processes where they are the point (torchrun, signals,
+spawned workers, torch.multiprocessing + gloo)."""
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import train as train_script
 from conftest import REPO, run_env
 from segpipe.checkpoint import load_checkpoint, save_checkpoint
 from segpipe.distributed import Runtime, ShardSampler, resolve_amp, resolve_augment_on
@@ -35,8 +39,22 @@ def train_command(root, out, *extra, torchrun=0, port=None, launcher_args=()) ->
 
 
 def train(root, out, *extra, timeout=240, torchrun=0, port=None, env=None):
+    """A tiny training run: train.py's main(argv) in this process, or a real process under torchrun or with env."""
     cmd = train_command(root, out, *extra, torchrun=torchrun, port=port)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or run_env(), cwd=REPO)
+    if torchrun or env:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or run_env(), cwd=REPO)
+    return run_main(train_script.main, cmd[2:])
+
+
+def run_main(main, argv: list) -> subprocess.CompletedProcess:
+    """main(argv) in this process, with what it prints and its exit status, as a process would report them."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # sys.exit("message"): the message goes to stderr, status 1
+            code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr) or 1)
+    return subprocess.CompletedProcess(argv, code or 0, stdout.getvalue(), stderr.getvalue())
 
 
 def test_single_process_run_writes_checkpoints_and_logs(make_dataset, tmp_path):
@@ -128,20 +146,21 @@ def test_fp16_on_cpu_is_refused_and_auto_picks_a_supported_dtype():
     assert dtype in (None, torch.bfloat16) and not scaler
 
 
-def test_augment_on_device_only_on_a_gpu_by_default_and_never_with_colour_jitter():
+def test_augment_on_device_only_on_a_gpu_by_default():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_augment_on("auto", cuda, 0.0) and not resolve_augment_on("auto", cpu, 0.0)
-    assert not resolve_augment_on("auto", cuda, 0.3) and resolve_augment_on("device", cpu, 0.0)
-    with pytest.raises(ValueError, match="data.augment_on=workers"):
-        resolve_augment_on("device", cuda, 0.3)
+    assert resolve_augment_on("auto", cuda) and not resolve_augment_on("auto", cpu)
+    assert resolve_augment_on("device", cpu) and not resolve_augment_on("workers", cuda)
+    with pytest.raises(ValueError, match="data.augment_on='gpu'; choose one of auto, workers, device"):
+        resolve_augment_on("gpu", cuda)
 
 
-def test_blur_and_normalise_in_the_training_step(make_dataset, tmp_path):
+def test_blur_jitter_and_normalise_in_the_training_step(make_dataset, tmp_path):
     root = make_dataset(n_train=4, n_valid=2)
-    result = train(root, tmp_path / "dev", "train.max_steps=2", "data.augment_on=device", "data.blur_prob=1.0")
+    result = train(root, tmp_path / "dev", "train.max_steps=2", "data.augment_on=device", "data.blur_prob=1.0",
+                   "data.color_jitter=0.2")
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(tmp_path / "dev" / "last.pt")["step"] == 2
-    for wrong in (["data.augment_on=device", "data.color_jitter=0.2"], ["train.amp=fp16"]):
+    for wrong in (["data.augment_on=gpu"], ["train.amp=fp16"]):
         refused = train(root, tmp_path / "refused", "train.max_steps=1", *wrong)
         assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
         assert refused.stderr.startswith("config error: " + wrong[0].split("=")[0]), refused.stderr

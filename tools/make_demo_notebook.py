@@ -236,7 +236,7 @@ show(prediction_vs_truth(predictor, image_path, mask_path, decoder))"""),
 ## 6. Compression: a faster model for CPUs
 
 `python -m segpipe.compress quantize` writes a compressed artefact that `Predictor`, `evaluate.py` and
-`infer.py` read like any checkpoint (`segpipe.compress.load_artefact` loads it as a plain model).
+`infer.py` read like any checkpoint (`segpipe.model_files.load_model` loads it as a plain model).
 
 * **bf16** (`--dtype bf16`) keeps the fp32 weights and runs the model under bfloat16 autocast: instant
   to make, and faster for large models on CPUs with bf16 units (AVX512-BF16, AMX); a small MobileNetV3
@@ -252,7 +252,7 @@ Below, one validation image goes through each model ten times, in turn, on one t
 median time and how many pixels each model labels like fp32. On a shared or busy machine the times move a
 lot between runs; `benchmarks/compress.py` gives careful numbers."""),
     ("code", """\
-from segpipe.compress import load_artefact
+from segpipe.model_files import load_model
 
 TRY_INT8 = os.environ.get("SEGPIPE_DEMO_INT8") == "1"
 run("-m", "segpipe.compress", "quantize", "--checkpoint", str(CHECKPOINT), "--dtype", "bf16",
@@ -262,7 +262,7 @@ if TRY_INT8:
     run("-m", "segpipe.compress", "quantize", "--checkpoint", str(CHECKPOINT), "--calib-images", "8",
         "--out", str(OUT / "int8.pt2"))
     artefacts["int8"] = OUT / "int8.pt2"
-models = {name: load_artefact(path, trust=True)[0] for name, path in artefacts.items()}  # our own files
+models = {name: load_model(path, trust_artefact=True)[0] for name, path in artefacts.items()}  # our own files
 
 image = Image.open(image_path).convert("RGB")
 x = predictor.transform.image_transform(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))[None]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,9 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from segpipe.checkpoint import CheckpointError
-from segpipe.compress.artefact import (artefact_metadata, compressed_checkpoint, model_from_checkpoint, read_checkpoint,
-                                       write_checkpoint)
+from segpipe.checkpoint import META_KEYS, CheckpointError, make_checkpoint, save_checkpoint
 from segpipe.compress.int8 import SUFFIX as INT8_SUFFIX
 from segpipe.compress.int8 import quantize_int8, save_int8
 from segpipe.compress.quality import (calibration_images, labelled_images, mean_iou, pixel_agreement,
@@ -27,9 +24,9 @@ from segpipe.compress.structured import (CRITERIA, PruningError, group_widths, p
                                          prunable_channel_sparsity)
 from segpipe.compress.unstructured import SCOPES, prune_unstructured
 from segpipe.data import DataError
+from segpipe.model_files import load_float_model
 from segpipe.outputs import OutputError, prepare_file
-
-TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
+from segpipe.training import read_config, train
 SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -122,14 +119,23 @@ def sweep(model: nn.Module, checkpoint: dict, args: argparse.Namespace) -> None:
               f"{pixel_agreement(preds, dense):>9.4f}", flush=True)
 
 
-def valid_miou(checkpoint: dict, images: list, masks: list) -> float:
-    """mIoU of a checkpoint's model on labelled images, scored as evaluate.py scores it."""
-    preds = predict_classes(model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint, images)
-    return mean_iou(preds, masks, checkpoint["num_classes"], checkpoint["ignore_index"])
+def compressed(meta: dict, model: nn.Module, record: dict) -> dict:
+    """The checkpoint of a compressed float model: the source's metadata, the new weights, the record."""
+    return make_checkpoint(model.state_dict(), {k: meta[k] for k in META_KEYS}, compression=record)
 
 
-def finetune(pruned_checkpoint: dict, args: argparse.Namespace) -> dict:
-    """Train the pruned model with train.py (its config, init_from the pruned weights); return its best.pt.
+def valid_miou(model: nn.Module, meta: dict, images: list, masks: list) -> float:
+    """mIoU of a model on labelled images, scored as evaluate.py scores it."""
+    if getattr(model, "aux_classifier", None) is not None:
+        model = copy.deepcopy(model)
+        model.aux_classifier = None
+    preds = predict_classes(model.eval(), meta, images)
+    return mean_iou(preds, masks, meta["num_classes"], meta["ignore_index"])
+
+
+def finetune(pruned_checkpoint: dict, args: argparse.Namespace) -> Path:
+    """Train the pruned model (segpipe.training.train: its config, init_from the pruned weights); return the path
+    of its best.pt.
 
     The run lives next to --out in OUT_STEM-finetune/ (pruned.pth, config.yaml, last.pt, best.pt, tb/), so
     an interrupted fine-tuning resumes when the same command runs again.
@@ -142,20 +148,21 @@ def finetune(pruned_checkpoint: dict, args: argparse.Namespace) -> dict:
     run_dir = Path(args.out).with_name(Path(args.out).stem + "-finetune")
     run_dir.mkdir(parents=True, exist_ok=True)
     pruned_path = run_dir / "pruned.pth"
-    write_checkpoint(pruned_checkpoint, pruned_path)
+    save_checkpoint(pruned_checkpoint, pruned_path)
     config_path = run_dir / "source_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     lr = args.finetune_lr if args.finetune_lr is not None else 0.1 * float(config["train"]["lr"])
     overrides = [f"train.init_from={pruned_path}", f"train.epochs={args.finetune_epochs}", "train.resume=auto",
-                 f"train.lr={lr}", "train.max_steps=null", "model.weights=none", f"output_dir={run_dir}"]
+                 f"train.lr={lr}", "train.max_steps=null", "model.weights=none", "model.weights_backbone=none",
+                 f"output_dir={run_dir}"]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
-    command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(config_path), *overrides, *args.set]
-    print("fine-tuning: " + " ".join(command), flush=True)
-    if subprocess.run(command).returncode != 0:
+    overrides += args.set
+    print(f"fine-tuning: python train.py --config {config_path} {' '.join(overrides)}", flush=True)
+    if train(read_config(str(config_path), overrides)) != 0:
         raise SystemExit(f"fine-tuning failed (see the output above); the pruned, not fine-tuned model is in "
                          f"{pruned_path}, and running the same command again resumes from {run_dir / 'last.pt'}")
-    return read_checkpoint(run_dir / "best.pt")
+    return run_dir / "best.pt"
 
 
 def run_prune(args: argparse.Namespace) -> None:
@@ -167,28 +174,26 @@ def run_prune(args: argparse.Namespace) -> None:
                          "would grow the removed weights back (the masks are not kept)")
     if args.out:
         prepare_file(args.out, "--out")  # before the pruning and fine-tuning, not after
-    checkpoint = read_checkpoint(args.checkpoint)
     if args.sweep:
-        return sweep(model_from_checkpoint(checkpoint, keep_aux=False).eval(), checkpoint, args)
-    # The auxiliary head stays (pruned too) so fine-tuning can still use its loss.
-    model = model_from_checkpoint(checkpoint, keep_aux=True).eval()
+        return sweep(*load_float_model(args.checkpoint, keep_aux=False), args)
+    model, checkpoint = load_float_model(args.checkpoint, keep_aux=True)
     params_before = sum(p.numel() for p in model.parameters())
     record = prune_model(model, args, args.sparsity)
     record.update(source=str(args.checkpoint), params_before=params_before,
                   params_after=sum(p.numel() for p in model.parameters()))
-    pruned = compressed_checkpoint(checkpoint, model, record)
+    pruned = compressed(checkpoint, model, record)
     print(f"{args.method} pruning: sparsity {record['sparsity']:.3f} (asked {args.sparsity}), parameters "
           f"{params_before:,} -> {record['params_after']:,}", flush=True)
     if args.finetune_epochs:  # valid mIoU (first --images) before and after, on the same decoded images
         images, masks = labelled_images(checkpoint, data_root(args, checkpoint), "valid", args.images)
-        record["miou_before_finetune"] = valid_miou(pruned, images, masks)
-        tuned = finetune(pruned, args)
+        record["miou_before_finetune"] = valid_miou(model, checkpoint, images, masks)
+        tuned, _ = load_float_model(finetune(pruned, args), keep_aux=True)
         record.update(finetune_epochs=args.finetune_epochs, finetune_run=str(Path(args.out).stem + "-finetune"),
-                      miou_after_finetune=valid_miou(tuned, images, masks))
-        pruned = compressed_checkpoint(checkpoint, model_from_checkpoint(tuned, keep_aux=True), record)
+                      miou_after_finetune=valid_miou(tuned, checkpoint, images, masks))
+        pruned = compressed(checkpoint, tuned, record)
         print(f"valid mIoU of the pruned model: {record['miou_before_finetune']:.4f} before fine-tuning, "
               f"{record['miou_after_finetune']:.4f} after {args.finetune_epochs} epoch(s)")
-    write_checkpoint(pruned, args.out)
+    save_checkpoint(pruned, args.out)
     print(f"wrote {args.out}")
 
 
@@ -198,13 +203,12 @@ def run_quantize(args: argparse.Namespace) -> None:
     if (Path(args.out).suffix == INT8_SUFFIX) != (args.dtype == "int8"):
         raise SystemExit(f"--out {args.out}: {args.dtype} artefacts are read by their suffix; name it *{wanted}")
     prepare_file(args.out, "--out")  # before the calibration, not after
-    checkpoint = read_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(checkpoint, keep_aux=False).eval()
-    previous = checkpoint.get("compression")
+    model, checkpoint = load_float_model(args.checkpoint, keep_aux=False)
+    previous = checkpoint["compression"]
     if args.dtype == "bf16":
         record = {"method": "bf16", "source": str(args.checkpoint), "previous": previous}
-        write_checkpoint(compressed_checkpoint(checkpoint, model, record), args.out)
-        print(f"bf16: wrote {args.out} (fp32 weights, run under bf16 autocast by load_artefact)")
+        save_checkpoint(compressed(checkpoint, model, record), args.out)
+        print(f"bf16: wrote {args.out} (fp32 weights, run under bf16 autocast by segpipe.model_files.load_model)")
         return
     root = data_root(args, checkpoint)
     calibration = list(calibration_images(checkpoint, root, args.calib_images))
@@ -213,7 +217,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     record = {"method": "int8", "source": str(args.checkpoint), "calib_images": len(calibration),
               "quantizer": "torchao X86InductorQuantizer, default static config", "previous": previous,
               "torch": torch.__version__, "torchao": _torchao_version()}
-    save_int8(program, args.out, {**artefact_metadata(checkpoint), "compression": record})
+    save_int8(program, args.out, {**{k: checkpoint[k] for k in META_KEYS}, "compression": record})
     print(f"int8: wrote {args.out}")
 
 
