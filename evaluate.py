@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader
 
 from segpipe import distributed as dist_utils
 from segpipe.checkpoint import CheckpointError
-from segpipe.data import DataError, MaskDecoder, SegmentationDataset, load_index, worker_message
+from segpipe.data import DataError, MaskDecoder, SegmentationDataset, worker_message
 from segpipe.engine import progress
 from segpipe.metrics import ConfusionMatrix
 from segpipe.outputs import OutputError, prepare_dir
 from segpipe.predict import TTA_SCALES, Predictor, open_predictor, resolve_device
+from segpipe.shards import is_descriptor, open_index
 from segpipe.visualize import colorize, confusion_matrix_image, panels
 
 
@@ -39,8 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="best.pt/last.pt of train.py or a compressed artefact "
                              "(default: the best.pt of the newest finished run in runs/)")
     parser.add_argument("--checkpoint", help="the same as CHECKPOINT")
-    parser.add_argument("--data-root", help="folder holding SPLIT/NAME.jpg + NAME_mask.png "
-                                            "(default: the data.root the checkpoint was trained on)")
+    parser.add_argument("--data-root", help="folder holding SPLIT/NAME.jpg + NAME_mask.png, or a shard descriptor "
+                                            "(shards.json, a path or URL) (default: the checkpoint's data.root)")
     parser.add_argument("--split", default="valid")
     parser.add_argument("--out", help="output folder (default: the checkpoint's folder/eval_SPLIT)")
     parser.add_argument("--tta", action="store_true", help=f"horizontal flip and scales {TTA_SCALES}")
@@ -127,11 +128,13 @@ def build_data(args: argparse.Namespace, predictor: Predictor, checkpoint: Path,
     """The split's images and masks, decoded as the checkpoint's training decoded them; each rank its own shard."""
     data_cfg = predictor.meta["config"].get("data", {})
     data_root = args.data_root or data_cfg.get("root")
-    if not data_root or not Path(data_root).is_dir():
-        sys.exit(f"data root {data_root!r} (from {'--data-root' if args.data_root else checkpoint}) is not a folder; "
-                 f"pass --data-root ROOT with ROOT/{args.split}/NAME.jpg + NAME_mask.png")
-    try:
-        index = load_index(data_root, args.split, data_cfg.get("cache_dir"), args.skip_unpaired)
+    if not data_root or not (is_descriptor(data_root) or Path(data_root).is_dir()):
+        sys.exit(f"data root {data_root!r} (from {'--data-root' if args.data_root else checkpoint}) is not a folder "
+                 f"or shard descriptor; pass --data-root ROOT with ROOT/{args.split}/NAME.jpg + NAME_mask.png, or "
+                 f"the shards.json of `python -m segpipe.shards write`")
+    try:  # a folder, or tar shards (local or remote) read at their offsets: the same exact-once sampler
+        index = open_index(data_root, args.split, data_cfg.get("cache_dir"), args.skip_unpaired,
+                           data_cfg.get("cache_limit") or "20GB")
         decoder = MaskDecoder.for_checkpoint(predictor.meta)
     except DataError as e:
         sys.exit(f"data error: {e}\n(evaluate.py: --skip-unpaired scores only the images with masks; "

@@ -101,6 +101,23 @@ def test_two_processes_score_every_image_exactly_once(setup, one_process, tmp_pa
     assert two["miou"] == one["miou"]
 
 
+def test_evaluate_on_shards_scores_what_the_folder_scores(setup, one_process, tmp_path, monkeypatch, capsys):
+    from segpipe.shards import write_shards
+    root, ckpt = setup
+    (tmp_path / "data").mkdir()
+    shutil.copytree(root / "valid", tmp_path / "data" / "valid")
+    descriptor = write_shards(str(tmp_path / "data"), str(tmp_path / "shards"), 2000, splits=("valid",),
+                              log=lambda *a: None)  # about 2 kB per shard: several shards
+    assert len(list((tmp_path / "shards").glob("valid-*.tar"))) > 1
+    run_script("evaluate.py", ["--checkpoint", str(ckpt), "--data-root", str(descriptor), "--out",
+                               str(tmp_path / "eval"), "--workers", "0", "--batch-size", "2", "--failures", "1"],
+               tmp_path, monkeypatch)
+    shards = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    folder = one_process[0]
+    assert shards["num_images"] == NUM_IMAGES and shards["confusion_matrix"] == folder["confusion_matrix"]
+    assert shards["per_image_miou"] == folder["per_image_miou"]
+
+
 def test_infer_on_two_processes_predicts_every_input_once_as_one_process_does(setup, tmp_path, free_port,
                                                                              monkeypatch, capsys):
     root, ckpt = setup
