@@ -1,4 +1,5 @@
-"""Predict class maps: `python infer.py image.jpg [more files | folders | globs] [--checkpoint P] [--out DIR] [--tta]`.
+"""Predict class maps: `python infer.py image.jpg [more files | folders | globs] [--checkpoint P] [--out DIR] [--tta]`,
+or `python infer.py shards.json --split valid` for the images of a split of tar shards (a path or URL).
 
 For each image writes OUT/NAME_mask.png (the class index of every pixel, as a palette PNG: viewers show the
 class colours, programs read the indices) and OUT/NAME_overlay.jpg (the image blended with the class colours,
@@ -7,13 +8,15 @@ Files it writes are marked (segpipe.outputs.PREDICTION_TAG) and written under a 
 never replaces a file it did not write, refuses an --out inside a data folder (NAME_mask.png is also the name of
 the ground truth there), and a rerun skips the images whose outputs are already there (--overwrite redoes them),
 so a long job that was stopped goes on where it ended. Many processes: `torchrun --nproc_per_node=N infer.py ...`
-predicts each input exactly once over all of them.
+predicts each input exactly once over all of them (each process a contiguous block, so over shards each reads only
+its own part). The outputs of an image NAME.jpg in a folder or a shard are NAME_mask.png and NAME_overlay.jpg.
 Without --checkpoint it uses the best.pt of the newest finished training run in runs/ (and asks for --checkpoint
 when finished runs predict different classes).
 The predictions are those evaluate.py scores: both go through segpipe.predict.Predictor.
 """
 import argparse
 import glob
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,16 +27,19 @@ from tqdm import tqdm
 
 from segpipe import distributed as dist_utils
 from segpipe.checkpoint import CheckpointError
-from segpipe.data import IMAGE_EXTS, MASK_SUFFIX
+from segpipe.data import IMAGE_EXTS, MASK_SUFFIX, DataError
 from segpipe.outputs import OutputError, is_prediction, prepare_dir, save_prediction, split_folder_holding
 from segpipe.predict import TTA_SCALES, ImageFiles, Predictor, class_shares, open_predictor
+from segpipe.shards import ShardIndex, is_descriptor, open_index
 from segpipe.visualize import colorize, overlay
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="image files, folders (their images, not *_mask.png) or globs")
+    parser.add_argument("inputs", nargs="+", help="image files, folders (their images, not *_mask.png) or globs; "
+                                                  "or one shard descriptor (shards.json path or URL)")
+    parser.add_argument("--split", default="valid", help="the split of a shard descriptor input (default: valid)")
     parser.add_argument("--checkpoint", help="a best.pt/last.pt of train.py or a compressed artefact "
                                              "(default: the best.pt of the newest finished run in runs/)")
     parser.add_argument("--out", default="predictions", help="folder for NAME_mask.png and NAME_overlay.jpg")
@@ -63,19 +69,18 @@ def main(argv: Optional[list] = None) -> int:
     log = print if rt.is_main else (lambda *a, **k: None)
     out_dir = prepare_output(args.out)
     predictor, checkpoint = open_model(args, rt.device, log)
-    files, unmatched = collect_images(args.inputs)
+    images, stems, unmatched = collect_inputs(args, predictor)
     errors = unmatched if rt.is_main else []  # every rank finds them; rank 0 reports them
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
-    stems = output_stems(files)
     todo = unfinished(out_dir, stems, args.overwrite)
-    log(f"{len(files)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
+    log(f"{len(images)} image(s) -> {out_dir}/  ({Path(checkpoint).name}: {predictor.meta['model_name']}, "
         f"{predictor.num_classes} classes, {predictor.device}{', TTA' if len(predictor.scales) > 1 or args.tta else ''}"
         f"{f', {rt.world_size} processes' if rt.world_size > 1 else ''})"
-        + (f"; {len(files) - len(todo)} already predicted, skipped (--overwrite redoes them)"
-           if len(todo) < len(files) else ""))
+        + (f"; {len(images) - len(todo)} already predicted, skipped (--overwrite redoes them)"
+           if len(todo) < len(images) else ""))
     mine = [todo[i] for i in dist_utils.ShardSampler(len(todo), rt.rank, rt.world_size)]  # every input once
-    written = predict_all(predictor, files, stems, mine, out_dir, args, errors)
+    written = predict_all(predictor, ImageFiles(images), stems, mine, out_dir, args, errors)
     written, failed = dist_utils.all_reduce_sum([written, len(errors)], rt.device)
     log(f"wrote {int(written)} mask(s) and overlay(s) to {out_dir}/")
     dist_utils.cleanup()
@@ -119,6 +124,32 @@ def open_model(args: argparse.Namespace, device, log) -> tuple[Predictor, Path]:
     return predictor, checkpoint
 
 
+def collect_inputs(args: argparse.Namespace,
+                   predictor: Predictor) -> tuple[list[Path] | ShardIndex, list[str], list[str]]:
+    """The images to predict (paths, or the index of a split of tar shards), the NAME of each one's outputs, and
+    the inputs that matched nothing (the program ends on an unusable shard descriptor)."""
+    descriptors = [item for item in args.inputs if is_descriptor(item)]
+    if not descriptors:
+        files, missing = collect_images(args.inputs)
+        return files, output_stems([path.stem for path in files]), missing
+    if len(args.inputs) > 1:
+        sys.exit(f"error: {descriptors[0]} is a shard descriptor: give it as the only input (one infer.py run per "
+                 f"shard set and split)")
+    data_cfg = predictor.meta["config"].get("data", {})  # where the checkpoint's training cached its shards
+    try:
+        index = open_index(descriptors[0], args.split, data_cfg.get("cache_dir"),
+                           cache_limit=data_cfg.get("cache_limit") or "20GB")
+    except DataError as e:
+        sys.exit(f"data error: {e}")
+    return index, output_stems([file_stem(key.decode()) for key in index.names]), []
+
+
+def file_stem(key: str) -> str:
+    """A shard member's key as a file name: tools other than segpipe may write keys like CITY/NAME; their
+    separators become _, so an output never lands outside --out."""
+    return re.sub(r"[/\\\x00]", "_", key)
+
+
 def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Image paths from files, folders and globs (in the order given), and the inputs that matched nothing."""
     found, missing = [], []
@@ -139,14 +170,14 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return found, missing
 
 
-def output_stems(files: list[Path]) -> list[str]:
+def output_stems(names: list[str]) -> list[str]:
     """The NAME of each input's NAME_mask.png and NAME_overlay.jpg: a.jpg from two folders gives a, a-1."""
     stems: list[str] = []
     used: set[str] = set()
-    for path in files:
-        stem, n = path.stem, 1
+    for name in names:
+        stem, n = name, 1
         while stem in used:
-            stem, n = f"{path.stem}-{n}", n + 1
+            stem, n = f"{name}-{n}", n + 1
         stems.append(stem)
         used.add(stem)
     return stems
@@ -166,13 +197,13 @@ def unfinished(out_dir: Path, stems: list[str], overwrite: bool) -> list[int]:
     return [i for i, pair in enumerate(outputs) if overwrite or not all(p.exists() for p in pair)]
 
 
-def predict_all(predictor: Predictor, files: list[Path], stems: list[str], positions: list[int], out_dir: Path,
+def predict_all(predictor: Predictor, images: ImageFiles, stems: list[str], positions: list[int], out_dir: Path,
                 args: argparse.Namespace, errors: list[str]) -> int:
-    """Decode files[positions] in loader workers, predict in batches, write each mask and overlay; returns how many
+    """Decode images[positions] in loader workers, predict in batches, write each mask and overlay; returns how many
     were written. Inputs that cannot be decoded are added to errors."""
     palette, classes = predictor.palette, predictor.classes
     workers = args.workers if len(positions) >= 2 * args.batch_size else 0  # starting workers costs more than it saves
-    loader = DataLoader(Subset(ImageFiles(files), positions), args.batch_size, num_workers=workers, collate_fn=list)
+    loader = DataLoader(Subset(images, positions), args.batch_size, num_workers=workers, collate_fn=list)
     written = 0
     bar = tqdm(total=len(positions), unit="image", file=sys.stderr, disable=True if len(positions) < 2 else None)
     for batch in loader:
@@ -195,7 +226,7 @@ def predict_all(predictor: Predictor, files: list[Path], stems: list[str], posit
             written += 1
             shares = sorted(enumerate(class_shares(pred, predictor.num_classes)), key=lambda kv: -kv[1])
             summary = ", ".join(f"{classes[c]} {share:.1%}" for c, share in shares if share > 0)
-            tqdm.write(f"{files[i]}  {image.width}x{image.height}  {seconds * 1000:.0f} ms  {summary}")
+            tqdm.write(f"{images.name(i)}  {image.width}x{image.height}  {seconds * 1000:.0f} ms  {summary}")
     bar.close()
     return written
 

@@ -196,18 +196,24 @@ def _all_reduce(values: list[float], device: torch.device, op) -> list[float]:
 class ShardSampler(Sampler[int]):
     """Every index exactly once across ranks, without the padding DistributedSampler adds.
 
-    Rank r takes r, r + world, r + 2*world, ...: shards differ in length by at most one, which is fine
-    for evaluation since no collective runs per batch (only one all_reduce of the confusion matrix).
+    Rank r takes one contiguous block, positions [r * n // world, (r + 1) * n // world): blocks differ in
+    length by at most one, which is fine for evaluation since no collective runs per batch (only one
+    all_reduce of the confusion matrix), and neighbouring samples stay on one rank, so over tar shards each
+    rank reads (and downloads) only its own part of the shards.
     """
 
     def __init__(self, num_samples: int, rank: int, world_size: int):
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.world_size))
+        return iter(self._block())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))
+        return len(self._block())
+
+    def _block(self) -> range:
+        n, r, w = self.num_samples, self.rank, self.world_size
+        return range(r * n // w, (r + 1) * n // w)
 
 
 class SeededSampler(Sampler):

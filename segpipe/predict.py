@@ -227,17 +227,29 @@ class Predictor:
 
 
 class ImageFiles(Dataset):
-    """The input images, decoded in loader workers: (position, image, None), or (position, None, error)."""
+    """The input images, decoded in loader workers: (position, image, None), or (position, None, error).
 
-    def __init__(self, files: Sequence[Path]):
-        self.files = files
+    images: a list of paths, or the index of a split of tar shards (segpipe.shards.ShardIndex), whose images are
+    read at their offsets in the shards (fetched into the local cache first when remote)."""
+
+    def __init__(self, images):
+        self.images = images
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.images)
+
+    def name(self, i: int) -> str:
+        """What messages call image i: its path, or SHARD: MEMBER."""
+        if hasattr(self.images, "image_name"):
+            return self.images.image_name(i)
+        return str(self.images[i])
 
     def __getitem__(self, i: int):
         try:
-            return i, read_image(str(self.files[i]))[0], None
+            if hasattr(self.images, "image_source"):
+                source, name = self.images.image_source(i)
+                return i, read_image(source, name=name)[0], None
+            return i, read_image(str(self.images[i]))[0], None
         except DataError as e:
             return i, None, str(e)
 

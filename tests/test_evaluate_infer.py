@@ -101,21 +101,103 @@ def test_two_processes_score_every_image_exactly_once(setup, one_process, tmp_pa
     assert two["miou"] == one["miou"]
 
 
-def test_evaluate_on_shards_scores_what_the_folder_scores(setup, one_process, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def shard_set(setup, tmp_path_factory) -> Path:
+    """The valid folder of setup packed into several tar shards: their shards.json."""
     from segpipe.shards import write_shards
-    root, ckpt = setup
-    (tmp_path / "data").mkdir()
-    shutil.copytree(root / "valid", tmp_path / "data" / "valid")
-    descriptor = write_shards(str(tmp_path / "data"), str(tmp_path / "shards"), 2000, splits=("valid",),
+    root, _ = setup
+    data = tmp_path_factory.mktemp("shards") / "data"
+    shutil.copytree(root / "valid", data / "valid")
+    descriptor = write_shards(str(data), str(data.parent / "shards"), 2000, splits=("valid",),
                               log=lambda *a: None)  # about 2 kB per shard: several shards
-    assert len(list((tmp_path / "shards").glob("valid-*.tar"))) > 1
-    run_script("evaluate.py", ["--checkpoint", str(ckpt), "--data-root", str(descriptor), "--out",
+    assert len(list(descriptor.parent.glob("valid-*.tar"))) > 2
+    return descriptor
+
+
+def test_evaluate_on_shards_scores_what_the_folder_scores(setup, shard_set, one_process, tmp_path, monkeypatch,
+                                                          capsys):
+    root, ckpt = setup
+    run_script("evaluate.py", ["--checkpoint", str(ckpt), "--data-root", str(shard_set), "--out",
                                str(tmp_path / "eval"), "--workers", "0", "--batch-size", "2", "--failures", "1"],
                tmp_path, monkeypatch)
     shards = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     folder = one_process[0]
     assert shards["num_images"] == NUM_IMAGES and shards["confusion_matrix"] == folder["confusion_matrix"]
     assert shards["per_image_miou"] == folder["per_image_miou"]
+
+
+def test_two_processes_with_loader_workers_score_shards_as_one_process(setup, shard_set, one_process, tmp_path,
+                                                                       free_port):
+    # One process on these shards scores what it scores on the folder (test above); two processes, each with a
+    # loader worker reading its own block of shards, must score the same: each image once.
+    root, ckpt = setup
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port}", "evaluate.py", "--checkpoint", str(ckpt), "--data-root", str(shard_set),
+         "--out", str(tmp_path), "--workers", "1", "--batch-size", "2", "--failures", "0"],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two, one = json.loads((tmp_path / "metrics.json").read_text()), one_process[0]
+    assert two["world_size"] == 2 and two["num_images"] == NUM_IMAGES
+    assert two["confusion_matrix"] == one["confusion_matrix"] and two["per_image_miou"] == one["per_image_miou"]
+
+
+def test_infer_on_shards_under_torchrun_writes_what_infer_on_the_folder_writes(setup, shard_set, tmp_path, free_port,
+                                                                               monkeypatch, capsys):
+    root, ckpt = setup
+    run_script("infer.py", [str(root / "valid"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "folder"),
+                            "--workers", "0"], tmp_path, monkeypatch)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port}", "infer.py", str(shard_set), "--split", "valid", "--checkpoint", str(ckpt),
+         "--out", str(tmp_path / "shards"), "--workers", "1", "--batch-size", "1"],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {NUM_IMAGES} mask(s)" in result.stdout  # summed over both processes: none predicted twice
+    assert "valid-000000.tar: img000.jpg" in result.stdout  # per-image lines name the shard and member
+    names = sorted(p.name for p in (tmp_path / "folder").iterdir())
+    assert len(names) == 2 * NUM_IMAGES and sorted(p.name for p in (tmp_path / "shards").iterdir()) == names
+    for name in names:
+        if name.endswith("_mask.png"):
+            folder, shards = Image.open(tmp_path / "folder" / name), Image.open(tmp_path / "shards" / name)
+            assert np.array_equal(np.asarray(folder), np.asarray(shards)), name
+    capsys.readouterr()
+    run_script("infer.py", [str(shard_set), "--checkpoint", str(ckpt), "--out", str(tmp_path / "shards")],
+               tmp_path, monkeypatch)  # a rerun after a stop: nothing left to do
+    assert f"{NUM_IMAGES} already predicted, skipped" in capsys.readouterr().out
+
+
+def test_infer_keeps_shard_keys_of_other_tools_inside_out(setup, tmp_path, monkeypatch, capsys):
+    import io
+    import tarfile
+    from segpipe.shards import index_shards
+    root, ckpt = setup
+    folder = tmp_path / "other"
+    folder.mkdir()
+    members = {"city/a.jpg": (root / "valid" / "img000.jpg").read_bytes(),
+               "city/a.mask.png": (root / "valid" / "img000_mask.png").read_bytes(),
+               "../../evil.jpg": (root / "valid" / "img001.jpg").read_bytes(),
+               "../../evil.mask.png": (root / "valid" / "img001_mask.png").read_bytes()}
+    with tarfile.open(folder / "valid-000000.tar", "w") as tar:  # keys with directories, as webdataset tools write
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    descriptor = index_shards(str(folder), log=lambda *a: None)
+    (tmp_path / "work").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    run_script("infer.py", [str(descriptor), "--checkpoint", str(ckpt), "--out", "pred"], tmp_path / "work",
+               monkeypatch)
+    written = sorted(p.name for p in (tmp_path / "work" / "pred").iterdir())
+    assert written == [".._.._evil_mask.png", ".._.._evil_overlay.jpg", "city_a_mask.png", "city_a_overlay.jpg"]
+    assert sorted(set(tmp_path.rglob("*")) - set(before)) == sorted(
+        [tmp_path / "work" / "pred", *(tmp_path / "work" / "pred" / name for name in written)])
+    message = fails_with("infer.py", [str(descriptor), "--split", "test", "--checkpoint", str(ckpt)], tmp_path,
+                         monkeypatch)
+    assert "has no 'test' split (it has: valid)" in message and "\n" not in message
+    message = fails_with("infer.py", [str(descriptor), str(root / "valid"), "--checkpoint", str(ckpt)], tmp_path,
+                         monkeypatch)
+    assert "shards.json is a shard descriptor: give it as the only input" in message
 
 
 def test_infer_on_two_processes_predicts_every_input_once_as_one_process_does(setup, tmp_path, free_port,

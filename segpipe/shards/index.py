@@ -49,10 +49,16 @@ class ShardIndex:
         """(height, width) of image i as displayed, from the descriptor (no download)."""
         return int(self.sizes[i, 0]), int(self.sizes[i, 1])
 
+    def image_name(self, i: int) -> str:
+        """What messages call image i: SHARD: MEMBER (no download)."""
+        return f"{self.store.where(self.shards[int(self.shard_of[i])].name)}: {self._image_member(i)}"
+
     def image_source(self, i: int) -> tuple[io.BytesIO, str]:
         """(the bytes of image i as a file object, the name errors give it: SHARD: MEMBER)."""
-        member = f"{self.names[i].decode()}.{self.exts[i].decode()}"
-        return self._member(i, member, *self.offsets[i, :2])
+        return self._member(i, self._image_member(i), *self.offsets[i, :2])
+
+    def _image_member(self, i: int) -> str:
+        return f"{self.names[i].decode()}.{self.exts[i].decode()}"
 
     def mask_source(self, i: int) -> tuple[io.BytesIO, str]:
         """(the bytes of mask i as a file object, its name)."""
