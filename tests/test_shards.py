@@ -265,6 +265,55 @@ def test_two_ranks_train_over_http_each_sample_once_one_download_per_shard(shard
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4
 
 
+@pytest.fixture
+def s3_bucket(shards, monkeypatch):
+    """The shard folder uploaded to s3://seg/set/ on a moto S3 server on 127.0.0.1 (the S3 API, not AWS); the
+    environment points boto's endpoint at it, as a user does for MinIO. Skipped without moto and s3fs."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    pytest.importorskip("s3fs", reason="s3fs is not installed")
+    import boto3
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port = server.get_host_and_port()[1]  # the port the OS gave it
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="seg")
+    for path in sorted(shards[1].glob("*")):
+        if path.is_file():
+            client.upload_file(str(path), "seg", f"set/{path.name}")
+    yield "s3://seg/set/shards.json", env
+    server.stop()
+
+
+def test_two_ranks_with_loader_workers_train_from_s3_each_sample_once(shards, s3_bucket, tmp_path, free_port):
+    """The s3:// path end to end through s3fs, in forked loader workers of 2 torchrun ranks: the bytes are the local
+    shards', every sample of an epoch is trained once, a missing key is one line."""
+    root, out = shards
+    url, env = s3_bucket
+    local = open_split(str(out / "shards.json"), "train")
+    remote = open_split(url, "train", str(tmp_path / "cache"), "1MB")
+    for i in range(len(local)):
+        assert remote.image_source(i)[0].read() == local.image_source(i)[0].read()
+        assert remote.mask_source(i)[0].read() == local.mask_source(i)[0].read()
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    result = train(url, tmp_path / "run", "train.epochs=2", "data.shuffle_window=1", "data.num_workers=1",
+                   f"data.cache_dir={tmp_path / 'cache2'}", torchrun=2, port=free_port,
+                   env=run_env() | env | {"SEGPIPE_TRACE_SAMPLES": str(trace)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split() for f in trace.iterdir() for line in f.read_text().splitlines()]
+    for epoch in ("0", "1"):
+        seen = [int(i) for e, i in lines if e == epoch]
+        assert len(seen) == len(set(seen)) == 8, seen
+    cached = sorted(p.name for p in (tmp_path / "cache2" / "shards").rglob("*.tar"))
+    assert cached and len(cached) == len(set(cached))  # one copy per shard for both ranks and their workers
+    with pytest.raises(DataError, match=r"s3://seg/gone/shards.json does not exist on the server"):
+        open_split("s3://seg/gone/shards.json", "train", str(tmp_path / "cache"))
+
+
 def test_class_discovery_reads_the_same_masks_from_shards_as_from_the_folder(shards):
     root, out = shards
     from_folder, from_shards = load_config(None).data, load_config(None).data

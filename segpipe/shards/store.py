@@ -59,6 +59,9 @@ def filesystem(url: str, timeout_s: float):
             # No total limit (a large shard takes long), but a stalled connection fails after timeout_s.
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
             options["client_kwargs"] = {"timeout": timeout}
+        elif url.startswith("s3://"):  # s3fs: botocore's connect and read timeouts (its endpoint from
+            # AWS_ENDPOINT_URL or ~/.aws/config, for MinIO and other S3-compatible stores)
+            options["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s}
         return fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
         raise DataError(f"{url}: reading remote shards needs a package that is not installed ({e}); {PIP}") from None
