@@ -25,6 +25,7 @@ from segpipe.data import DataError, MaskDecoder, SegmentationDataset
 from segpipe.discover import apply_discovery
 from segpipe.distributed import SeededSampler, ShardWindowSampler
 from segpipe.shards import ShardStore, index_shards, open_index, open_split, write as write_module
+from segpipe.shards.store import ShardInfo
 from segpipe.shards.write import write_shards
 from segpipe.transforms import train_transform
 from segpipe.shards import __main__ as shards_cli
@@ -312,6 +313,33 @@ def test_two_ranks_with_loader_workers_train_from_s3_each_sample_once(shards, s3
     assert cached and len(cached) == len(set(cached))  # one copy per shard for both ranks and their workers
     with pytest.raises(DataError, match=r"s3://seg/gone/shards.json does not exist on the server"):
         open_split("s3://seg/gone/shards.json", "train", str(tmp_path / "cache"))
+
+
+def test_stalled_s3_endpoint_ends_after_the_stores_attempts(tmp_path, monkeypatch):
+    """An S3 endpoint that accepts connections and never answers: the store's attempts with its timeout, then one
+    error naming the shard URL (s3fs and botocore retrying on their own made it 25 tries per attempt)."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed")
+    import contextlib
+    import socket
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def accept_and_say_nothing():
+        with contextlib.suppress(OSError):  # until the listener is closed
+            while True:
+                connections.append(listener.accept()[0])
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{listener.getsockname()[1]}"}.items():
+        monkeypatch.setenv(key, value)
+    store = ShardStore("s3://seg/stall/shards.json", str(tmp_path / "cache"), 10 ** 6, timeout_s=0.3, attempts=2)
+    with pytest.raises(DataError, match=r"s3://seg/stall/train-000000.tar: download failed 2 times \(last: "
+                                        r"ReadTimeoutError"):
+        store.path(ShardInfo("train-000000.tar", 1000, "0" * 64, 2))
+    assert len(connections) == 2
+    listener.close()
 
 
 def test_class_discovery_reads_the_same_masks_from_shards_as_from_the_folder(shards):

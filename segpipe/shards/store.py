@@ -60,9 +60,13 @@ def filesystem(url: str, timeout_s: float):
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
             options["client_kwargs"] = {"timeout": timeout}
         elif url.startswith("s3://"):  # s3fs: botocore's connect and read timeouts (its endpoint from
-            # AWS_ENDPOINT_URL or ~/.aws/config, for MinIO and other S3-compatible stores)
-            options["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s}
-        return fsspec.core.url_to_fs(url, **options)
+            # AWS_ENDPOINT_URL or ~/.aws/config, for MinIO and other S3-compatible stores), no retries of its own
+            options["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                        "retries": {"total_max_attempts": 1}}
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        if url.startswith("s3://"):
+            fs.retries = 1  # with_retries is the one retry loop: s3fs's 5 x botocore's 5 made a stall last 25 tries
+        return fs, path
     except ImportError as e:
         raise DataError(f"{url}: reading remote shards needs a package that is not installed ({e}); {PIP}") from None
 
