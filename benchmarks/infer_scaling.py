@@ -1,13 +1,17 @@
-"""infer.py throughput on 1 and 2 processes: `python benchmarks/infer_scaling.py [--images DIR] [--count 64]`.
+"""infer.py throughput on 1 and 2 processes: `python benchmarks/infer_scaling.py [--images DIR] [--count 202]`.
 
 Runs infer.py as a user would, once as one process and once under `torchrun --nproc_per_node=2` (each process
 predicts its share, one thread each), on the same images with a random-init LR-ASPP MobileNetV3 checkpoint
-(11 classes; the speed does not depend on the weights), and prints images/s from the wall time of each run,
-start-up and model loading included. Default images: the first --count CamVid validation images, if present.
+(11 classes; the speed does not depend on the weights). Prints images/s from the wall time of each run,
+start-up and model loading included, and the steady rate once started: (count - n) / (wall time - wall time of
+the same command on n images, one per process), which is what a long job gets. Default images: the CamVid
+validation images, if present, repeated to --count (else synthetic scenes); --repeats runs each command that
+many times, interleaved, and reports medians.
 """
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,17 +42,20 @@ def random_checkpoint(path: Path, num_classes: int = 11) -> Path:
 
 
 def input_images(folder: Path, source: Path | None, count: int) -> list[Path]:
-    """count images copied into folder: from source (CamVid valid by default), else synthetic scenes."""
+    """count images copied into folder/in (the source's images repeated as needed): from source (CamVid valid by
+    default), else synthetic scenes."""
     if source is None and CAMVID_VALID.is_dir():
         source = CAMVID_VALID
     if source is None:
         source = ensure_dataset(str(folder / "synthetic")) / "valid"
     files = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in (".jpg", ".png")
-                   and not p.name.endswith("_mask.png"))[:count]
+                   and not p.name.endswith("_mask.png"))
     (folder / "in").mkdir()
-    for f in files:
-        shutil.copy(f, folder / "in" / f.name)
-    return files
+    copies = []
+    for i in range(count):
+        copies.append(folder / "in" / f"{i:06d}_{files[i % len(files)].name}")
+        shutil.copy(files[i % len(files)], copies[-1])
+    return copies
 
 
 def run(command: list[str], cwd: Path) -> float:
@@ -65,22 +72,32 @@ def run(command: list[str], cwd: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, help="folder of images (default: CamVid valid, else synthetic)")
-    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--count", type=int, default=202)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     print(describe())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = random_checkpoint(tmp / "model.pt")
         files = input_images(tmp, args.images, args.count)
-        common = [str(tmp / "in"), "--checkpoint", str(ckpt), "--batch-size", str(args.batch_size), "--workers", "1"]
-        one = run([sys.executable, str(REPO / "infer.py"), *common, "--out", str(tmp / "one")], tmp)
-        two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   "--master_port=29561", str(REPO / "infer.py"), *common, "--out", str(tmp / "two")], tmp)
-    print(f"{len(files)} images ({files[0].parent}), batch {args.batch_size}, 1 loader worker and 1 thread per process")
-    print(f"{'processes':>9}  {'seconds':>7}  {'images/s':>8}")
-    for n, seconds in ((1, one), (2, two)):
-        print(f"{n:>9}  {seconds:>7.1f}  {len(files) / seconds:>8.2f}")
+        launchers = {1: [sys.executable, str(REPO / "infer.py")],
+                     2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                         "--master_addr=127.0.0.1", "--master_port=29561", str(REPO / "infer.py")]}
+        seconds: dict = {(n, k): [] for n in launchers for k in (n, len(files))}
+        for r in range(args.repeats):
+            for (n, k), times in seconds.items():
+                inputs = [str(f) for f in files[:k]] if k < len(files) else [str(tmp / "in")]
+                times.append(run([*launchers[n], *inputs, "--checkpoint", str(ckpt), "--batch-size",
+                                  str(args.batch_size), "--workers", "1", "--out", str(tmp / f"out-{n}-{k}-{r}")], tmp))
+    median = {key: statistics.median(times) for key, times in seconds.items()}
+    source = args.images or (CAMVID_VALID if CAMVID_VALID.is_dir() else "synthetic scenes")
+    print(f"{len(files)} images ({source}), batch {args.batch_size}, 1 loader worker and 1 thread per process; medians of {args.repeats} run(s)")
+    print(f"{'processes':>9}  {'seconds':>7}  {'images/s':>8}  {'start-up s':>10}  {'steady images/s':>15}")
+    for n in launchers:
+        total, start = median[(n, len(files))], median[(n, n)]
+        print(f"{n:>9}  {total:>7.1f}  {len(files) / total:>8.2f}  {start:>10.1f}  "
+              f"{(len(files) - n) / (total - start):>15.2f}")
 
 
 if __name__ == "__main__":

@@ -85,22 +85,6 @@ def test_evaluate_reports_table_json_and_pictures(one_process):
     assert [p.stem[3:] for p in gallery] == worst  # 01_NAME.png, lowest per-image mIoU first
 
 
-def test_two_processes_score_every_image_exactly_once(setup, one_process, tmp_path, free_port):
-    root, ckpt = setup
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port}", "evaluate.py", "--checkpoint", str(ckpt), "--data-root", str(root),
-         "--out", str(tmp_path), "--workers", "0", "--batch-size", "2", "--failures", "0"],
-        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = json.loads((tmp_path / "metrics.json").read_text())
-    one = one_process[0]
-    assert two["world_size"] == 2 and two["num_images"] == NUM_IMAGES
-    assert two["confusion_matrix"] == one["confusion_matrix"]  # no image dropped or counted twice
-    assert two["per_image_miou"] == one["per_image_miou"]
-    assert two["miou"] == one["miou"]
-
-
 @pytest.fixture(scope="module")
 def shard_set(setup, tmp_path_factory) -> Path:
     """The valid folder of setup packed into several tar shards: their shards.json."""
@@ -126,20 +110,27 @@ def test_evaluate_on_shards_scores_what_the_folder_scores(setup, shard_set, one_
     assert shards["per_image_miou"] == folder["per_image_miou"]
 
 
-def test_two_processes_with_loader_workers_score_shards_as_one_process(setup, shard_set, one_process, tmp_path,
-                                                                       free_port):
-    # One process on these shards scores what it scores on the folder (test above); two processes, each with a
-    # loader worker reading its own block of shards, must score the same: each image once.
+def torchrun(port: int, script: str, *args) -> subprocess.CompletedProcess:
+    """script under torchrun with two processes on 127.0.0.1, as a user launches it."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={port}", script, *map(str, args)],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("source, workers", [("folder", 0), ("shards", 1)])
+def test_two_processes_score_every_image_exactly_once(setup, shard_set, one_process, tmp_path, free_port, source,
+                                                      workers):
+    # One process scores the same on the folder and on the shards (test above); two processes, on shards each with
+    # a loader worker reading its own block of shards, must score the same: each image once.
     root, ckpt = setup
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port}", "evaluate.py", "--checkpoint", str(ckpt), "--data-root", str(shard_set),
-         "--out", str(tmp_path), "--workers", "1", "--batch-size", "2", "--failures", "0"],
-        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=180)
+    result = torchrun(free_port, "evaluate.py", "--checkpoint", ckpt, "--data-root",
+                      root if source == "folder" else shard_set, "--out", tmp_path, "--workers", workers,
+                      "--batch-size", 2, "--failures", 0)
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = json.loads((tmp_path / "metrics.json").read_text()), one_process[0]
     assert two["world_size"] == 2 and two["num_images"] == NUM_IMAGES
-    assert two["confusion_matrix"] == one["confusion_matrix"] and two["per_image_miou"] == one["per_image_miou"]
+    assert two["confusion_matrix"] == one["confusion_matrix"]  # no image dropped or counted twice
+    assert two["per_image_miou"] == one["per_image_miou"] and two["miou"] == one["miou"]
 
 
 def test_infer_on_shards_under_torchrun_writes_what_infer_on_the_folder_writes(setup, shard_set, tmp_path, free_port,
@@ -147,11 +138,8 @@ def test_infer_on_shards_under_torchrun_writes_what_infer_on_the_folder_writes(s
     root, ckpt = setup
     run_script("infer.py", [str(root / "valid"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "folder"),
                             "--workers", "0"], tmp_path, monkeypatch)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port}", "infer.py", str(shard_set), "--split", "valid", "--checkpoint", str(ckpt),
-         "--out", str(tmp_path / "shards"), "--workers", "1", "--batch-size", "1"],
-        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=180)
+    result = torchrun(free_port, "infer.py", shard_set, "--split", "valid", "--checkpoint", ckpt, "--out",
+                      tmp_path / "shards", "--workers", 1, "--batch-size", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {NUM_IMAGES} mask(s)" in result.stdout  # summed over both processes: none predicted twice
     assert "valid-000000.tar: img000.jpg" in result.stdout  # per-image lines name the shard and member
@@ -205,11 +193,8 @@ def test_infer_on_two_processes_predicts_every_input_once_as_one_process_does(se
     root, ckpt = setup
     run_script("infer.py", [str(root / "valid"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "one"),
                             "--workers", "0"], tmp_path, monkeypatch)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port}", "infer.py", str(root / "valid"), "--checkpoint", str(ckpt),
-         "--out", str(tmp_path / "two"), "--workers", "1", "--batch-size", "1"],
-        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=180)
+    result = torchrun(free_port, "infer.py", root / "valid", "--checkpoint", ckpt, "--out", tmp_path / "two",
+                      "--workers", 1, "--batch-size", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     # The count is summed over both processes: an input predicted twice would count twice. (The per-image lines
     # of two processes share one pipe and may interleave, so they are not counted.)
