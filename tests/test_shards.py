@@ -244,15 +244,24 @@ def test_training_from_local_shards_matches_the_folder_bitwise_and_resumes_mid_e
 
 def test_two_ranks_train_over_http_each_sample_once_one_download_per_shard(shards, tmp_path, free_port):
     """torchrun with 2 ranks reads the shards from a slow HTTP server through one shared cache, discovers the
-    classes from the shards' masks, and trains every sample of an epoch exactly once."""
+    classes from the shards' masks, and trains every sample of an epoch exactly once, in the shard-window order
+    (one shard at a time); stopped mid-epoch and resumed, it ends bitwise where the straight run does."""
     _, out = shards
     trace, cache = tmp_path / "trace", tmp_path / "cache"
     trace.mkdir()
+    run = ("train.epochs=2", "data.shuffle_window=1", f"data.cache_dir={cache}", "data.classes=null")
     with SlowServer(out, delay_s=0.02) as server:
-        result = train(f"{server.url}/shards.json", tmp_path / "run", "train.epochs=2", "data.shuffle_window=1",
-                       f"data.cache_dir={cache}", "data.classes=null", torchrun=2, port=free_port,
+        result = train(f"{server.url}/shards.json", tmp_path / "run", *run, torchrun=2, port=free_port,
                        env=run_env() | {"SEGPIPE_TRACE_SAMPLES": str(trace)})
         requests = dict(server.requests)
+        for extra in (["train.max_steps=3"], ["train.resume=auto"]):  # stops after step 1 of epoch 2, then resumes
+            resumed = train(f"{server.url}/shards.json", tmp_path / "resumed", *run, *extra, torchrun=2,
+                            port=free_port)
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sample 4 of the epoch" in resumed.stdout, resumed.stdout[-3000:]
+    straight = load_checkpoint(tmp_path / "run" / "last.pt")
+    stopped = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert all(torch.equal(straight["model"][k], stopped["model"][k]) for k in straight["model"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data.classes is not set" in result.stdout and "3 classes" in result.stdout
     descriptor = json.loads((out / "shards.json").read_text())
