@@ -43,11 +43,16 @@ def make_dataset(tmp_path):
     return make
 
 
-@pytest.fixture
-def free_port() -> int:
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return unused_port()
 
 
 needs_camvid = pytest.mark.skipif(not (CAMVID / "train").is_dir(), reason=f"CamVid not found at {CAMVID}")

@@ -8,7 +8,10 @@ import json
 import multiprocessing
 import os
 import sys
+import subprocess
 import tarfile
+import urllib.parse
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.slow_server import SlowServer
-from conftest import run_env
+from conftest import REPO, run_env, unused_port
 from segpipe.checkpoint import load_checkpoint
 from segpipe.config import ConfigError, load_config
 from segpipe.data import DataError, MaskDecoder, SegmentationDataset
@@ -322,6 +325,50 @@ def test_two_ranks_with_loader_workers_train_from_s3_each_sample_once(shards, s3
     assert cached and len(cached) == len(set(cached))  # one copy per shard for both ranks and their workers
     with pytest.raises(DataError, match=r"s3://seg/gone/shards.json does not exist on the server"):
         open_split("s3://seg/gone/shards.json", "train", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def gs_bucket(shards):
+    """The shard folder uploaded to gs://seg/set/ on a GCS emulator (gcp-storage-emulator) on 127.0.0.1, and the
+    environment that points gcsfs at it. Skipped without gcsfs and the emulator."""
+    pytest.importorskip("gcsfs", reason="gcsfs is not installed")
+    emulator = pytest.importorskip("gcp_storage_emulator.server", reason="gcp-storage-emulator is not installed")
+    port = unused_port()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="seg")
+    server.start()
+    try:
+        for path in [*sorted(shards[1].glob("*.tar")), shards[1] / "shards.json"]:
+            name = urllib.parse.quote(f"set/{path.name}", safe="")
+            upload = f"http://127.0.0.1:{port}/upload/storage/v1/b/seg/o?uploadType=media&name={name}"
+            urllib.request.urlopen(urllib.request.Request(upload, data=path.read_bytes(), method="POST")).read()
+        # gcsfs's default filesystem first asks a gRPC control API for the bucket's layout, which emulators lack
+        yield "gs://seg/set/shards.json", {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+                                           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    finally:
+        server.stop()  # its thread is not a daemon
+
+
+def test_two_ranks_with_loader_workers_train_and_evaluate_from_gs(shards, gs_bucket, tmp_path, free_port):
+    """The gs:// path end to end through gcsfs (in fresh processes: gcsfs reads its settings on import): 2 torchrun
+    ranks with a loader worker each train every sample of an epoch once, evaluate.py scores the valid shards, and
+    a missing object is one line."""
+    url, gs_env = gs_bucket
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    env = run_env() | gs_env | {"SEGPIPE_TRACE_SAMPLES": str(trace)}
+    result = train(url, tmp_path / "run", "train.epochs=2", "data.shuffle_window=1", "data.num_workers=1",
+                   f"data.cache_dir={tmp_path / 'cache'}", torchrun=2, port=free_port, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split() for f in trace.iterdir() for line in f.read_text().splitlines()]
+    for epoch in ("0", "1"):
+        seen = [int(i) for e, i in lines if e == epoch]
+        assert len(seen) == len(set(seen)) == 8, seen
+    for data_root, expected in ((url, "3 images in"), ("gs://seg/gone/shards.json", "does not exist on the server")):
+        scored = subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tmp_path / "run" / "best.pt"),
+                                 "--data-root", data_root, "--out", str(tmp_path / "eval"), "--workers", "0"],
+                                env=run_env() | gs_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert expected in scored.stdout + scored.stderr, scored.stderr[-3000:]
+    assert scored.returncode == 1 and "Traceback" not in scored.stderr and len(scored.stderr.splitlines()) <= 2
 
 
 def test_stalled_s3_endpoint_ends_after_the_stores_attempts(tmp_path, monkeypatch):

@@ -49,26 +49,36 @@ def sibling(location: str, name: str) -> str:
 
 
 def filesystem(url: str, timeout_s: float):
-    """(fsspec filesystem, path) for a URL, with HTTP connect and read timeouts; DataError naming the pip command
+    """(fsspec filesystem, path) for a URL, with connect and read timeouts; DataError naming the pip command
     when fsspec (or the protocol's package) is missing."""
     try:
         import fsspec
-        options = {}
-        if url.startswith(("http://", "https://")):
-            import aiohttp
-            # No total limit (a large shard takes long), but a stalled connection fails after timeout_s.
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-            options["client_kwargs"] = {"timeout": timeout}
-        elif url.startswith("s3://"):  # s3fs: botocore's connect and read timeouts (its endpoint from
-            # AWS_ENDPOINT_URL or ~/.aws/config, for MinIO and other S3-compatible stores), no retries of its own
-            options["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s,
-                                        "retries": {"total_max_attempts": 1}}
-        fs, path = fsspec.core.url_to_fs(url, **options)
-        if url.startswith("s3://"):
-            fs.retries = 1  # with_retries is the one retry loop: s3fs's 5 x botocore's 5 made a stall last 25 tries
-        return fs, path
+        fs, path = fsspec.core.url_to_fs(url, **connection_options(url, timeout_s))
     except ImportError as e:
         raise DataError(f"{url}: reading remote shards needs a package that is not installed ({e}); {PIP}") from None
+    if url.startswith("s3://"):
+        fs.retries = 1  # with_retries is the one retry loop: s3fs's 5 x botocore's 5 made a stall last 25 tries
+    return fs, path
+
+
+def connection_options(url: str, timeout_s: float) -> dict:
+    """The filesystem options under which a stalled connection fails after timeout_s (no total limit: a large
+    shard takes long). Endpoints other than the cloud's: AWS_ENDPOINT_URL (s3fs, e.g. MinIO) and
+    STORAGE_EMULATOR_HOST (gcsfs)."""
+    if url.startswith("s3://"):  # botocore's timeouts, and no retries of its own
+        return {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                  "retries": {"total_max_attempts": 1}}}
+    import aiohttp
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+    if url.startswith(("gs://", "gcs://")):
+        return {"requests_timeout": timeout}
+    return {"client_kwargs": {"timeout": timeout}}  # fsspec's HTTP filesystem
+
+
+def attempts_for(url: str) -> int:
+    """How many times the store tries a download: ATTEMPTS, but once for gs://, since gcsfs retries each request
+    6 times with backoff itself (fixed in gcsfs, not settable per filesystem)."""
+    return 1 if url.startswith(("gs://", "gcs://")) else ATTEMPTS
 
 
 def with_retries(url: str, attempts: int, action: Callable[[], object]):
@@ -100,7 +110,7 @@ def with_retries(url: str, attempts: int, action: Callable[[], object]):
 def read_remote(url: str) -> bytes:
     """The bytes of a small remote file (a descriptor), with retries and bounded timeouts."""
     fs, path = filesystem(url, TIMEOUT_S)
-    return with_retries(url, ATTEMPTS, lambda: fs.cat_file(path))
+    return with_retries(url, attempts_for(url), lambda: fs.cat_file(path))
 
 
 @contextlib.contextmanager
@@ -125,7 +135,7 @@ class ShardStore:
         self.location, self.remote = location, is_remote(location)
         base = Path(cache_dir or os.environ.get("SEGPIPE_CACHE", Path.home() / ".cache" / "segpipe"))
         self.cache_dir = base / "shards"
-        self.limit, self.timeout_s, self.attempts = limit, timeout_s or TIMEOUT_S, attempts or ATTEMPTS
+        self.limit, self.timeout_s, self.attempts = limit, timeout_s or TIMEOUT_S, attempts or attempts_for(location)
 
     def where(self, name: str) -> str:
         """The shard's URL or path, as errors name it."""
