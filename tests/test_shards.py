@@ -271,11 +271,21 @@ def test_two_ranks_train_over_http_each_sample_once_one_download_per_shard(shard
     for split in ("train", "valid"):
         for entry in descriptor["splits"][split]["shards"]:
             assert requests[entry["name"]] == 1, requests  # the cache is shared by both ranks
-    lines = [line.split() for f in trace.iterdir() for line in f.read_text().splitlines()]
-    for epoch in ("0", "1"):
-        seen = [int(i) for e, i in lines if e == epoch]
-        assert len(seen) == len(set(seen)) == 8, seen  # 8 samples, 2 steps of 2 x 2 ranks: each once
+    assert_each_sample_once(trace, epochs=2)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4
+
+
+def assert_each_sample_once(trace: Path, epochs: int, samples: int = 8) -> None:
+    """Every training sample was loaded once per epoch over all ranks and workers (SEGPIPE_TRACE_SAMPLES files)."""
+    lines = [line.split() for f in trace.iterdir() for line in f.read_text().splitlines()]
+    for epoch in range(epochs):
+        seen = [int(i) for e, i in lines if e == str(epoch)]
+        assert len(seen) == len(set(seen)) == samples, seen  # 8 samples, 2 steps of 2 x 2 ranks: each once
+
+
+def uploads(folder: Path) -> list[Path]:
+    """What a user uploads of a shard folder: the shards and shards.json."""
+    return [*sorted(folder.glob("*.tar")), folder / "shards.json"]
 
 
 @pytest.fixture
@@ -294,9 +304,8 @@ def s3_bucket(shards, monkeypatch):
         monkeypatch.setenv(key, value)
     client = boto3.client("s3")
     client.create_bucket(Bucket="seg")
-    for path in sorted(shards[1].glob("*")):
-        if path.is_file():
-            client.upload_file(str(path), "seg", f"set/{path.name}")
+    for path in uploads(shards[1]):
+        client.upload_file(str(path), "seg", f"set/{path.name}")
     yield "s3://seg/set/shards.json", env
     server.stop()
 
@@ -317,10 +326,7 @@ def test_two_ranks_with_loader_workers_train_from_s3_each_sample_once(shards, s3
                    f"data.cache_dir={tmp_path / 'cache2'}", torchrun=2, port=free_port,
                    env=run_env() | env | {"SEGPIPE_TRACE_SAMPLES": str(trace)})
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line.split() for f in trace.iterdir() for line in f.read_text().splitlines()]
-    for epoch in ("0", "1"):
-        seen = [int(i) for e, i in lines if e == epoch]
-        assert len(seen) == len(set(seen)) == 8, seen
+    assert_each_sample_once(trace, epochs=2)
     cached = sorted(p.name for p in (tmp_path / "cache2" / "shards").rglob("*.tar"))
     assert cached and len(cached) == len(set(cached))  # one copy per shard for both ranks and their workers
     with pytest.raises(DataError, match=r"s3://seg/gone/shards.json does not exist on the server"):
@@ -337,7 +343,7 @@ def gs_bucket(shards):
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="seg")
     server.start()
     try:
-        for path in [*sorted(shards[1].glob("*.tar")), shards[1] / "shards.json"]:
+        for path in uploads(shards[1]):
             name = urllib.parse.quote(f"set/{path.name}", safe="")
             upload = f"http://127.0.0.1:{port}/upload/storage/v1/b/seg/o?uploadType=media&name={name}"
             urllib.request.urlopen(urllib.request.Request(upload, data=path.read_bytes(), method="POST")).read()
@@ -359,16 +365,17 @@ def test_two_ranks_with_loader_workers_train_and_evaluate_from_gs(shards, gs_buc
     result = train(url, tmp_path / "run", "train.epochs=2", "data.shuffle_window=1", "data.num_workers=1",
                    f"data.cache_dir={tmp_path / 'cache'}", torchrun=2, port=free_port, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line.split() for f in trace.iterdir() for line in f.read_text().splitlines()]
-    for epoch in ("0", "1"):
-        seen = [int(i) for e, i in lines if e == epoch]
-        assert len(seen) == len(set(seen)) == 8, seen
-    for data_root, expected in ((url, "3 images in"), ("gs://seg/gone/shards.json", "does not exist on the server")):
-        scored = subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tmp_path / "run" / "best.pt"),
-                                 "--data-root", data_root, "--out", str(tmp_path / "eval"), "--workers", "0"],
-                                env=run_env() | gs_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert expected in scored.stdout + scored.stderr, scored.stderr[-3000:]
-    assert scored.returncode == 1 and "Traceback" not in scored.stderr and len(scored.stderr.splitlines()) <= 2
+    assert_each_sample_once(trace, epochs=2)
+    def evaluate(data_root: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tmp_path / "run" / "best.pt"),
+                               "--data-root", data_root, "--out", str(tmp_path / "eval"), "--workers", "0"],
+                              env=run_env() | gs_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    scored = evaluate(url)
+    assert scored.returncode == 0 and "3 images in" in scored.stdout, scored.stderr[-3000:]
+    missing = evaluate("gs://seg/gone/shards.json")
+    assert missing.returncode == 1 and "gs://seg/gone/shards.json does not exist on the server" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.splitlines()) <= 2, missing.stderr
 
 
 def test_stalled_s3_endpoint_ends_after_the_stores_attempts(tmp_path, monkeypatch):
