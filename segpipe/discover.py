@@ -25,7 +25,8 @@ import yaml
 from PIL import Image
 
 from segpipe.data import DataError, FileIndex, rgb_codes
-from segpipe.shards import open_index
+from segpipe.shards import is_descriptor, open_index
+from segpipe.shards.store import is_remote, local_path
 
 MAX_CLASSES = 64  # more labels than this in a survey are not a class list anyone annotated
 RARE_PIXEL_SHARE = 1e-4  # below this share of the pixels read, a label is reported as rare, not made a class
@@ -275,11 +276,19 @@ def recipe(image_size: tuple[int, int], num_train: int, cuda: bool) -> dict:
                       "amp": "none", "log_every": 20, "val_every": max(1, epochs // 2)}}
 
 
+def data_set_name(root: str) -> str:
+    """What the run folder is named after: the data folder, or the folder (URL prefix) holding a shard descriptor."""
+    if is_descriptor(root):
+        parent = root.rstrip("/").rsplit("/", 1)[0] if is_remote(root) else str(Path(local_path(root)).resolve().parent)
+        return parent.rsplit("/", 1)[-1] or "data"
+    return Path(root).resolve().name or "data"
+
+
 def config_text(root: str, found: Discovery, image_size: tuple[int, int], num_train: int, cuda: bool) -> str:
     """The whole config file: comments on what was found, then data, model, train and output_dir."""
     fitted = recipe(image_size, num_train, cuda)
     data = found.data_block(root) | fitted["data"]
-    name = Path(root).resolve().name or "data"
+    name = data_set_name(root)
     config = {"data": data, "model": fitted["model"], "train": fitted["train"],
               "output_dir": f"runs/{name}-{fitted['model']['name']}"}
     machine = "a CUDA GPU" if cuda else "this CPU (no GPU found)"

@@ -187,3 +187,12 @@ def test_crops_larger_than_the_images_are_clamped_with_a_note(tmp_path):
     data = load_config(None, ["data.crop_size=[32,512]", "data.train_size=[36,100]"]).data
     assert clamp_crop(data, load_index(str(root), "train")) and data.crop_size == [32, 100]
     assert clamp_crop(data, load_index(str(root), "train")) == ""  # nothing left to clamp: no note
+
+
+def test_the_run_is_named_after_the_data_folder_or_the_folder_holding_the_shards(tmp_path):
+    from segpipe.discover import data_set_name
+    (tmp_path / "camvid").mkdir()
+    assert data_set_name(str(tmp_path / "camvid")) == "camvid"
+    assert data_set_name(str(tmp_path / "camvid_shards" / "shards.json")) == "camvid_shards"  # not shards.json
+    assert data_set_name("https://host/data/camvid/shards.json") == "camvid"
+    assert data_set_name("s3://bucket/camvid/shards.json") == "camvid"
