@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ from PIL import Image, PngImagePlugin
 
 from segpipe.data import IMAGE_EXTS, MASK_SUFFIX
 
+RUN_LOCK = ".segpipe-train.lock"  # held by the train.py that writes a run folder
 # infer.py writes this text chunk (PNG) or comment (JPEG) into every file; it replaces only files that carry it.
 PREDICTION_TAG = "segpipe-prediction"
 
@@ -26,6 +28,33 @@ def describe(error: OSError) -> str:
 def prepare_dir(path: str | Path, option: str) -> Path:
     """Create the folder (and parents) and prove it writable now, before hours of work would fail to save."""
     return _make_writable(Path(path), f"{option}={path}", option)
+
+
+def lock_run_dir(folder: Path):
+    """An open file holding an exclusive lock on FOLDER/RUN_LOCK, naming this process; the lock ends when the file
+    is closed or the process ends, however it ends. None where the file system has no locks (some network mounts).
+    OutputError naming the process that holds it."""
+    import fcntl
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        f = open(Path(folder) / RUN_LOCK, "a+")
+    except OSError as e:
+        raise OutputError(f"output_dir={folder} cannot be written ({describe(e)}); choose another output_dir") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise OutputError(f"output_dir={folder} is in use by another training run (process {holder}); wait for it "
+                          f"to end, or choose another output_dir") from None
+    except OSError:
+        f.close()
+        return None
+    f.truncate(0)
+    f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def prepare_file(path: str | Path, option: str) -> Path:

@@ -34,7 +34,7 @@ from segpipe.losses import SegmentationLoss, median_frequency_weights
 from segpipe.metrics import ConfusionMatrix
 from segpipe.model_files import build_initial_model
 from segpipe.models import ModelError, has_batchnorm_pooling, model_options, set_bn_momentum
-from segpipe.outputs import OutputError, describe, prepare_dir
+from segpipe.outputs import OutputError, describe, lock_run_dir, prepare_dir
 from segpipe.shards import is_descriptor, open_index
 from segpipe.tracking import Tracker, config_params, open_trackers, require_packages
 from segpipe.transforms import PixelOps, collate_eval, eval_transform, train_transform
@@ -48,8 +48,9 @@ def train(cfg: Config) -> int:
     log = print if rt.is_main else (lambda *a, **k: None)
     if rt.is_main:
         check_trackers(cfg)  # a missing optional package stops the run now, not after the data is indexed
-    data = None
+    data = lock = None
     try:
+        lock = claim_output_dir(cfg, rt)
         data = build_data(cfg, rt, log)
         model, compression = build_network(cfg, data.num_classes, rt, log)
         criterion = build_criterion(cfg, data, rt, log)
@@ -69,6 +70,8 @@ def train(cfg: Config) -> int:
             dist_utils.stop_loader_workers(data.train_loader, data.valid_loader)
         dist_utils.cleanup()
         stop.restore()
+        if lock is not None:
+            lock.close()
 
 
 # -- configuration and processes -------------------------------------------------------------------------------
@@ -108,6 +111,21 @@ def setup_runtime(cfg: Config) -> dist_utils.Runtime:
         sys.exit(f"config error: {e}")
     torch.manual_seed(cfg.train.seed)
     return rt
+
+
+def claim_output_dir(cfg: Config, rt: dist_utils.Runtime):
+    """One training run per output_dir: rank 0 locks it until this run ends (a run resubmitted while the old one
+    still writes there would overwrite its checkpoints); a second run stops at once, every rank with it."""
+    lock, error = None, None
+    if rt.is_main:
+        try:
+            lock = lock_run_dir(Path(cfg.output_dir))
+        except OutputError as e:
+            error = str(e)
+    error = dist_utils.broadcast_object(error, rt)
+    if error:
+        sys.exit(f"error: {error}")
+    return lock
 
 
 # -- data ----------------------------------------------------------------------------------------------------------

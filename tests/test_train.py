@@ -57,6 +57,29 @@ def run_main(main, argv: list) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code or 0, stdout.getvalue(), stderr.getvalue())
 
 
+def test_a_second_run_on_a_busy_output_dir_stops_at_once_and_touches_nothing(make_dataset, tmp_path):
+    # A job resubmitted while the first still runs (a requeue, a double launch) must not write over its checkpoints.
+    root, out = make_dataset(n_train=4, n_valid=3), tmp_path / "run"
+    assert train(root, out, "train.epochs=1").returncode == 0
+    before = (out / "last.pt").read_bytes()
+    holds = ("import sys, time; from segpipe.outputs import lock_run_dir; lock = lock_run_dir(sys.argv[1]); "
+             "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", holds, str(out)], cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = train(root, out, "train.epochs=2", "train.resume=auto")
+        assert second.returncode == 1 and f"process {holder.pid} on " in second.stderr, second.stderr
+        assert "in use by another training run" in second.stderr and len(second.stderr.splitlines()) == 1
+        assert (out / "last.pt").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    resumed = train(root, out, "train.epochs=2", "train.resume=auto")  # the lock went with the process
+    assert resumed.returncode == 0 and load_checkpoint(out / "last.pt")["epoch"] == 2, resumed.stderr
+    assert train(root, out, "train.epochs=3", "train.resume=auto").returncode == 0  # released by the run before
+
+
 def test_single_process_run_writes_checkpoints_and_logs(make_dataset, tmp_path):
     root, out = make_dataset(n_train=4, n_valid=3), tmp_path / "run"
     result = train(root, out, "train.epochs=2", "train.val_every=2")
